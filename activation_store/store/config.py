@@ -1,0 +1,49 @@
+"""The store's typed configuration."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from activation_store.errors import ConfigError
+from activation_store.store.encoding import CodecSpec, canonical_dtype
+
+DEFAULT_CHUNK_IMAGES = 16  # 16 x 257 tokens = 4,112 rows, 8.4 MB in fp16 at d=1024: see docs/benchmarks.md
+DEFAULT_REGION_IMAGES = 1024
+DEFAULT_CODEC = "none"
+
+
+@dataclass
+class StoreConfig:
+    """How activations are laid out and encoded.
+
+    chunk_images: images per chunk of the main arrays (chunks never split an image).
+    region_images: granularity of input-shard regions, and images per chunk of the CLS arrays;
+        a multiple of chunk_images, so no chunk of either array is shared by two input shards.
+    """
+
+    dtype: str = "fp16"
+    codec: str = DEFAULT_CODEC
+    zstd_level: int = 1
+    keepbits: int | None = None
+    chunk_images: int = DEFAULT_CHUNK_IMAGES
+    region_images: int = DEFAULT_REGION_IMAGES
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.dtype = canonical_dtype(self.dtype)
+        if self.codec.startswith("bitround") and self.keepbits is None:
+            self.keepbits = {"fp16": 7, "bf16": 5, "fp32": 10}[self.dtype]
+        if self.chunk_images < 1:
+            raise ConfigError(f"chunk_images must be >= 1, got {self.chunk_images}")
+        if self.region_images < self.chunk_images or self.region_images % self.chunk_images:
+            raise ConfigError(
+                f"region_images ({self.region_images}) must be a positive multiple of chunk_images "
+                f"({self.chunk_images})"
+            )
+        self.codec_spec()  # validates preset and keepbits
+
+    def codec_spec(self) -> CodecSpec:
+        return CodecSpec(self.codec, self.dtype, self.zstd_level, self.keepbits)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,104 @@
+"""Where a store lives: a local directory or an object-store URL (`s3://bucket/prefix`), seen
+through fsspec for our own bookkeeping objects and through a zarr store for the arrays."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+
+import fsspec
+import zarr
+import zarr.storage
+
+
+class Storage:
+    def __init__(self, url: str, storage_options: dict | None = None) -> None:
+        self.storage_options = dict(storage_options or {})
+        url = str(url)
+        if url.startswith("file://"):
+            url = url[len("file://"):]
+        self.is_local = "://" not in url
+        if self.is_local:
+            self.url = os.path.abspath(url)
+            self.fs = fsspec.filesystem("file")
+            self.root = self.url
+        else:
+            self.url = url.rstrip("/")
+            # A private instance: fsspec's cache would otherwise hand zarr and us one filesystem
+            # bound to whichever event loop created it first.
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, skip_instance_cache=True, **self.storage_options)
+        self._zarr_store = None
+
+    def __repr__(self) -> str:
+        return f"Storage({self.url!r})"
+
+    def zarr_store(self):
+        if self._zarr_store is None:
+            if self.is_local:
+                self._zarr_store = zarr.storage.LocalStore(self.root)
+            else:
+                self._zarr_store = zarr.storage.FsspecStore.from_url(self.url, storage_options=self.storage_options)
+        return self._zarr_store
+
+    def path(self, key: str) -> str:
+        return posixpath.join(self.root, key) if key else self.root
+
+    def exists(self, key: str = "") -> bool:
+        return self.fs.exists(self.path(key))
+
+    def read_bytes(self, key: str) -> bytes | None:
+        try:
+            return self.fs.cat_file(self.path(key))
+        except FileNotFoundError:
+            return None
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Write an object so that a reader sees either the old or the new content, never half."""
+        path = self.path(key)
+        if self.is_local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            self.fs.pipe_file(path, data)  # a single PUT is atomic on object stores
+
+    def delete(self, keys: list[str]) -> None:
+        paths = [self.path(k) for k in keys]
+        if self.is_local:
+            for p in paths:
+                try:
+                    os.remove(p)
+                except FileNotFoundError:
+                    pass
+        else:
+            existing = [p for p in paths if self.fs.exists(p)]
+            if existing:
+                self.fs.rm(existing)
+
+    def list_files(self, prefix: str) -> dict[str, int]:
+        """{key relative to the root: size} for every object under `prefix`."""
+        base = self.path(prefix)
+        if not self.fs.exists(base):
+            return {}
+        found = self.fs.find(base, detail=True)
+        root = self.root.rstrip("/") + "/"
+        out = {}
+        for p, info in found.items():
+            p = p if p.startswith("/") or not self.is_local else "/" + p
+            key = p[len(root):] if p.startswith(root) else p.split(root.lstrip("/"), 1)[-1]
+            out[key] = int(info.get("size") or 0)
+        return out
+
+    def list_dir(self, prefix: str) -> list[str]:
+        base = self.path(prefix)
+        if not self.fs.exists(base):
+            return []
+        return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(base, detail=False))
+
+    def open_group(self, mode: str = "r"):
+        return zarr.open_group(self.zarr_store(), mode=mode)

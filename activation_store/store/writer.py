@@ -1,0 +1,261 @@
+"""Writing one input shard: whole chunks into the shard's own region, then a commit.
+
+Protocol (docs/format.md, "Writing"): the shard's state goes planned -> writing -> committed. A
+writer that finds the state `writing` knows an earlier attempt died, and deletes every object that
+attempt may have left in the region before writing again, so a rerun produces the same bytes as an
+uninterrupted run. Only the commit (one atomic rewrite of the shard group's zarr.json, after every
+chunk, the statistics and the image table are written) makes the rows visible to readers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+
+import numpy as np
+import zarr
+
+from activation_store.errors import CapacityError, ConfigError, NonFiniteActivationError, ShardStateError
+from activation_store.store import layout
+from activation_store.store.encoding import bitround, fill_value, nonfinite_rows, physical_dtype, to_float32, to_storage
+from activation_store.store.images import OK, ImageRecord, to_parquet_bytes
+from activation_store.store.stats import Moments
+
+
+class _LossyError:
+    """Accumulates the measured error of the writer's rounding against the values it was given."""
+
+    def __init__(self) -> None:
+        self.max_abs = self.max_rel = self.sum_sq_err = self.sum_sq = 0.0
+
+    def add(self, given: np.ndarray, stored: np.ndarray) -> None:
+        err = np.abs(stored - given)
+        mag = np.abs(given)
+        normal = mag >= np.finfo(np.float16).tiny  # relative error is meaningful for normal numbers
+        self.max_abs = max(self.max_abs, float(err.max(initial=0.0)))
+        if normal.any():
+            self.max_rel = max(self.max_rel, float((err[normal] / mag[normal]).max()))
+        self.sum_sq_err += float(np.square(err, dtype=np.float64).sum())
+        self.sum_sq += float(np.square(given, dtype=np.float64).sum())
+
+    def to_dict(self) -> dict:
+        return {"max_abs": self.max_abs, "max_rel": self.max_rel, "sum_sq_err": self.sum_sq_err, "sum_sq": self.sum_sq}
+
+
+class ShardWriter:
+    """Writes one planned input shard. Use as a context manager or call `commit()`.
+
+    `add(activations, images)` takes `{location: array (B, n_tokens, d_model)}` (any float dtype,
+    or uint16 bf16 bit patterns for a bf16 store) for B stored images plus their metadata;
+    `add_dropped(images)` records images that were not stored (with their reason in `status`).
+    """
+
+    def __init__(self, store, shard, compute_stats: bool = True) -> None:
+        if shard.committed:
+            raise ShardStateError(
+                f"input shard {shard.source!r} ({shard.name}) of {store.url} is already committed; "
+                f"readers may be using it, so it is never rewritten. Plan the images under a new shard name"
+            )
+        self.store = store
+        self.shard = shard
+        self.compute_stats = compute_stats
+        self._group = zarr.open_group(store.storage.zarr_store(), mode="r+")
+        self._main = {loc: self._group[layout.array_key(loc)] for loc in store.locations}
+        self._cls = {loc: self._group[layout.cls_array_key(loc)] for loc in store.locations}
+        end = shard.row_start + shard.region_rows
+        if self._main[store.locations[0]].shape[0] < end:
+            raise ShardStateError(f"{store.url}: arrays do not cover the region of {shard.name}; re-run the planning step")
+        if shard.state == layout.WRITING:
+            self._clean_region()
+        self._set_state(layout.WRITING)
+
+        ci, ri, t, d = store.chunk_images, store.region_images, store.n_tokens, store.d_model
+        pdt = physical_dtype(store.dtype)
+        self._buf = {loc: np.full((ci, t, d), fill_value(store.dtype), dtype=pdt) for loc in store.locations}
+        self._cls_buf = {loc: np.full((ri, d), fill_value(store.dtype), dtype=pdt) for loc in store.locations}
+        self._fill = 0  # rows in the current chunk buffer
+        self._cls_fill = 0
+        self._next_row = shard.row_start
+        self._chunks_written = 0
+        self._cls_chunks_written = 0
+        self._records: list[ImageRecord] = []
+        self._rows: list[int] = []
+        self._moments = {loc: {g: Moments(d) for g in layout.MOMENT_GROUPS} for loc in store.locations}
+        self._lossy = {loc: _LossyError() for loc in store.locations} if store.codec.lossy else None
+        self._closed = False
+
+    # ------------------------------------------------------------------ state
+    def _set_state(self, state: str, commit: dict | None = None) -> None:
+        self.shard.state = state
+        if commit is not None:
+            self.shard.commit = commit
+        doc = {
+            "zarr_format": 3,
+            "node_type": "group",
+            "attributes": {layout.SHARD_ATTR: self.shard.to_attrs()},
+        }
+        self.store.storage.write_bytes(
+            f"{layout.shard_group_key(self.shard.index)}/zarr.json", json.dumps(doc, indent=2).encode()
+        )
+
+    def _clean_region(self) -> None:
+        s, st = self.shard, self.store
+        keys = []
+        for loc in st.locations:
+            first, last = s.row_start // st.chunk_images, (s.row_start + s.region_rows) // st.chunk_images
+            keys += [layout.chunk_key(layout.array_key(loc), c, 3) for c in range(first, last)]
+            first, last = s.row_start // st.region_images, (s.row_start + s.region_rows) // st.region_images
+            keys += [layout.chunk_key(layout.cls_array_key(loc), c, 2) for c in range(first, last)]
+        keys.append(layout.shard_images_key(s.index))
+        moments = layout.shard_moments_key(s.index)
+        keys += [f"{moments}/zarr.json"] + [layout.chunk_key(moments, i, 4) for i in range(len(st.locations))]
+        st.storage.delete(keys)
+
+    # ------------------------------------------------------------------ adding
+    @property
+    def n_rows(self) -> int:
+        return len([r for r in self._rows if r >= 0])
+
+    def add(self, activations: Mapping[str, np.ndarray], images: Sequence[ImageRecord]) -> None:
+        self._check_open()
+        st = self.store
+        missing = set(st.locations) - {str(k) for k in activations}
+        if missing:
+            raise ConfigError(f"add() needs every location of the store; missing {sorted(missing)}")
+        acts = {str(k): np.asarray(v) for k, v in activations.items() if str(k) in st.locations}
+        b = len(images)
+        for loc, x in acts.items():
+            if x.shape != (b, st.n_tokens, st.d_model):
+                raise ConfigError(
+                    f"{loc}: expected activations of shape ({b}, {st.n_tokens}, {st.d_model}) for {b} images, got {x.shape}"
+                )
+        if any(r.status != OK for r in images):
+            raise ConfigError("add() takes stored images only (status 'ok'); record the others with add_dropped()")
+        if self.n_rows + b > self.shard.capacity:
+            raise CapacityError(
+                f"input shard {self.shard.source!r} was planned for {self.shard.capacity} images, "
+                f"but {self.n_rows + b} were added; plan it with its true image count"
+            )
+        stored = {}
+        for loc, x in acts.items():
+            raw = to_storage(x, st.dtype)
+            if st.codec.lossy:
+                raw = bitround(np.array(raw, copy=True), st.dtype, st.codec.keepbits)
+                self._lossy[loc].add(np.asarray(x, dtype=np.float32), to_float32(raw, st.dtype))
+            bad = nonfinite_rows(raw, st.dtype)
+            if bad.any():
+                keys = [images[i].key for i in np.flatnonzero(bad)[:5]]
+                raise NonFiniteActivationError(
+                    f"{loc}: activations of images {keys} are NaN/inf in {st.dtype}; compute in a wider dtype, "
+                    f"store as fp32, or drop these images with add_dropped()"
+                )
+            stored[loc] = raw
+        pos = 0
+        while pos < b:
+            take = min(b - pos, st.chunk_images - self._fill)
+            for loc, raw in stored.items():
+                self._buf[loc][self._fill : self._fill + take] = raw[pos : pos + take]
+                self._cls_buf[loc][self._cls_fill : self._cls_fill + take] = raw[pos : pos + take, 0]
+            self._fill += take
+            self._cls_fill += take
+            pos += take
+            if self._fill == st.chunk_images:
+                self._flush_chunk()
+            if self._cls_fill == st.region_images:
+                self._flush_cls()
+        for rec in images:
+            self._records.append(rec)
+            self._rows.append(self._next_row)
+            self._next_row += 1
+
+    def add_dropped(self, images: Sequence[ImageRecord]) -> None:
+        self._check_open()
+        for rec in images:
+            if rec.status == OK:
+                raise ConfigError(f"image {rec.key!r} was passed to add_dropped() with status 'ok'; give its reason")
+            self._records.append(rec)
+            self._rows.append(-1)
+
+    def _flush_chunk(self) -> None:
+        st, n = self.store, self._fill
+        start = self.shard.row_start + self._chunks_written * st.chunk_images
+        for loc in st.locations:
+            buf = self._buf[loc]
+            if n < st.chunk_images:
+                buf[n:] = fill_value(st.dtype)  # the padding of a shard's last chunk reads as NaN
+            self._main[loc][start : start + st.chunk_images] = buf
+            if self.compute_stats:
+                x = to_float32(buf[:n], st.dtype)
+                self._moments[loc]["cls"].add(x[:, 0])
+                self._moments[loc]["patches"].add(x[:, 1:])
+        self._chunks_written += 1
+        self._fill = 0
+
+    def _flush_cls(self) -> None:
+        st, n = self.store, self._cls_fill
+        start = self.shard.row_start + self._cls_chunks_written * st.region_images
+        for loc in st.locations:
+            buf = self._cls_buf[loc]
+            if n < st.region_images:
+                buf[n:] = fill_value(st.dtype)
+            self._cls[loc][start : start + st.region_images] = buf
+        self._cls_chunks_written += 1
+        self._cls_fill = 0
+
+    # ------------------------------------------------------------------ commit
+    def commit(self) -> dict:
+        """Write what is buffered, the statistics and the image table, then make the shard visible."""
+        self._check_open()
+        st = self.store
+        if self._fill:
+            self._flush_chunk()
+        if self._cls_fill:
+            self._flush_cls()
+        counts = {}
+        block = np.zeros((len(st.locations), len(layout.MOMENT_GROUPS), 3, st.d_model))
+        for li, loc in enumerate(st.locations):
+            counts[loc] = {g: self._moments[loc][g].count for g in layout.MOMENT_GROUPS}
+            for gi, g in enumerate(layout.MOMENT_GROUPS):
+                block[li, gi] = self._moments[loc][g].to_array()
+        moments = zarr.create_array(
+            st.storage.zarr_store(),
+            name=layout.shard_moments_key(self.shard.index),
+            shape=block.shape,
+            chunks=(1, *block.shape[1:]),
+            dtype="float64",
+            compressors=st.codec.compressors()[-1:],  # crc32c only
+            overwrite=True,
+        )
+        moments[...] = block
+        st.storage.write_bytes(layout.shard_images_key(self.shard.index), to_parquet_bytes(self._records, self._rows))
+        by_status: dict[str, int] = {}
+        for rec in self._records:
+            by_status[rec.status] = by_status.get(rec.status, 0) + 1
+        commit = {
+            "n_rows": self.n_rows,
+            "n_images_seen": len(self._records),
+            "by_status": by_status,
+            "chunks": self._chunks_written,
+            "cls_chunks": self._cls_chunks_written,
+            "moment_counts": counts,
+            "stats_complete": self.compute_stats,
+            "committed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        if self._lossy is not None:
+            commit["lossy_error"] = {loc: e.to_dict() for loc, e in self._lossy.items()}
+        self._set_state(layout.COMMITTED, commit)
+        self._closed = True
+        st.refresh()
+        return commit
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ShardStateError(f"the writer of {self.shard.name} is closed (committed)")
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and not self._closed:
+            self.commit()
+        # on error the shard stays in state `writing`: invisible, and cleaned by the next writer
