@@ -22,6 +22,7 @@ from activation_store.errors import (
     StoreVersionError,
 )
 from activation_store.store import layout
+from activation_store.store.chunk_io import ChunkCodec
 from activation_store.store.config import StoreConfig
 from activation_store.store.encoding import CodecSpec, fill_value, physical_dtype, to_float32
 from activation_store.store.images import SCHEMA as IMAGES_SCHEMA
@@ -29,7 +30,6 @@ from activation_store.store.images import from_parquet_bytes
 from activation_store.store.locations import parse_locations
 from activation_store.store.stats import Moments
 from activation_store.store.storage import Storage
-from activation_store.store.zarr_runtime import ensure_configured
 
 
 @dataclass
@@ -116,6 +116,7 @@ class ActivationStore:
         self.chunk_images = self.config.chunk_images
         self.region_images = self.config.region_images
         self._arrays: dict[str, zarr.Array] = {}
+        self._codecs: dict[str, ChunkCodec | None] = {}
         self._shards: list[ShardInfo] | None = None
 
     # ---------------------------------------------------------------- create / open
@@ -133,7 +134,6 @@ class ActivationStore:
         storage_options: dict | None = None,
     ) -> ActivationStore:
         """Create an empty store (no images planned yet). One process does this, before any writer."""
-        ensure_configured()
         config = config or StoreConfig()
         locs = [str(loc) for loc in parse_locations(locations)]
         if n_tokens < 1 or d_model < 1:
@@ -187,7 +187,6 @@ class ActivationStore:
 
     @classmethod
     def open(cls, url: str, storage_options: dict | None = None, mode: str = "r") -> ActivationStore:
-        ensure_configured()
         storage = Storage(url, storage_options)
         if not storage.exists("zarr.json"):
             raise StoreNotFoundError(
@@ -353,37 +352,61 @@ class ActivationStore:
         )
 
     # ---------------------------------------------------------------- reading
-    def _read(self, arr: zarr.Array, selection: tuple, what: str) -> np.ndarray:
+    def chunk_codec(self, array_key: str) -> ChunkCodec | None:
+        """Our own decoder for an array's chunks, or None when its codec chain is not one of ours."""
+        if array_key not in self._codecs:
+            arr = self._group[array_key]
+            try:
+                self._codecs[array_key] = ChunkCodec([c.to_dict() for c in arr.metadata.codecs])
+            except ValueError:
+                self._codecs[array_key] = None
+        return self._codecs[array_key]
+
+    def fetch_chunk_into(self, array_key: str, index: int, out: np.ndarray, what: str | None = None) -> None:
+        """Read whole chunk `index` (axis 0) of an array into `out` (its full chunk shape, storage dtype).
+
+        Raises ChunkCorruptError / ChunkMissingError naming the chunk. Thread-safe: readers call it
+        from many threads, each with its own `out`."""
+        ndim = out.ndim
+        key = layout.chunk_key(array_key, index, ndim)
+        rows = out.shape[0]
+        what = f"{self.url}: " + (what or f"chunk {key} (rows {index * rows}-{(index + 1) * rows - 1})")
+        codec = self.chunk_codec(array_key)
+        if codec is not None and codec.uncompressed and self.storage.is_local:
+            codec.pread_uncompressed(self.storage.path(key), out, what)
+            return
+        if codec is not None:
+            data = self.storage.read_bytes(key)
+            if data is None:
+                raise ChunkMissingError(f"{what} is missing from storage; run `actstore verify {self.url}`")
+            codec.decode_into(data, out, what)
+            return
+        if not self.storage.exists(key):  # zarr would silently return the fill value
+            raise ChunkMissingError(f"{what} is missing from storage; run `actstore verify {self.url}`")
         try:
-            return np.asarray(arr[selection])
-        except Exception as exc:
-            msg = str(exc).lower()
-            if "checksum" in msg or "crc" in msg or "decompress" in msg or "blosc" in msg or "zstd" in msg:
-                raise ChunkCorruptError(
-                    f"{self.url}: {what} is corrupt ({exc}); run `actstore verify {self.url}` to list every bad chunk, "
-                    f"then re-harvest the input shard that owns it"
-                ) from exc
-            raise
+            out[...] = self._group[array_key][index * rows:(index + 1) * rows]
+        except ValueError as exc:
+            raise ChunkCorruptError(f"{what} is corrupt ({exc})") from exc
 
-    def _check_present(self, raw: np.ndarray, key: str, what: str) -> None:
-        """A committed chunk that is absent reads back as the fill value (NaN), silently: a NaN in
-        the first value (writers never store NaN) sends us to look whether the chunk exists."""
-        first = raw.reshape(-1)[:1]
-        looks_missing = (first == 0x7FC0) if self.dtype == "bf16" else np.isnan(first)
-        if looks_missing.any() and not self.storage.exists(key):
-            raise ChunkMissingError(
-                f"{self.url}: {what} is missing from storage although its input shard is committed; "
-                f"run `actstore verify {self.url}`"
-            )
+    def _read_span(self, array_key: str, rows_per_chunk: int, start: int, stop: int, tail: tuple, select) -> np.ndarray:
+        """Rows [start, stop) of an array, chunk by chunk, through `fetch_chunk_into`."""
+        buf = np.empty((rows_per_chunk, *tail), dtype=physical_dtype(self.dtype))
+        parts = []
+        for c in range(start // rows_per_chunk, (stop - 1) // rows_per_chunk + 1):
+            self.fetch_chunk_into(array_key, c, buf)
+            a, b = max(start, c * rows_per_chunk) - c * rows_per_chunk, min(stop, (c + 1) * rows_per_chunk) - c * rows_per_chunk
+            parts.append(select(buf[a:b]).copy())
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
-    def read_chunk(self, location, index: int, tokens: slice | None = None, raw: bool = True) -> np.ndarray:
+    def read_chunk(self, location, index: int, raw: bool = True) -> np.ndarray:
         """Committed rows of main-array chunk `index`: (rows, tokens, d_model), storage dtype unless raw=False."""
         loc = self._check_location(location)
         ref = self._chunk_ref(index)
-        key = layout.chunk_key(loc, index, 3)
-        what = f"chunk {key} (rows {ref.row_start}-{ref.row_stop - 1}, shard {layout.shard_name(ref.shard)})"
-        out = self._read(self.array(loc), (slice(ref.row_start, ref.row_stop), tokens or slice(None)), what)
-        self._check_present(out, key, what)
+        out = np.empty((self.chunk_images, self.n_tokens, self.d_model), dtype=physical_dtype(self.dtype))
+        key = layout.chunk_key(layout.array_key(loc), index, 3)
+        self.fetch_chunk_into(layout.array_key(loc), index, out,
+                              f"chunk {key} (rows {ref.row_start}-{ref.row_stop - 1}, shard {layout.shard_name(ref.shard)})")
+        out = out[: ref.n_rows]
         return out if raw else to_float32(out, self.dtype)
 
     def _chunk_ref(self, index: int) -> ChunkRef:
@@ -395,19 +418,12 @@ class ActivationStore:
 
     def read_rows(self, location, start: int, stop: int, tokens: slice | None = None, raw: bool = False) -> np.ndarray:
         """Rows [start, stop) of a location (committed rows only), all or a range of tokens; float32
-        unless raw=True. Reads chunk by chunk so that an error names its chunk."""
+        unless raw=True."""
         loc = self._check_location(location)
         self._check_committed(start, stop)
-        ci = self.chunk_images
-        parts = []
-        for c in range(start // ci, (stop - 1) // ci + 1):
-            a, b = max(start, c * ci), min(stop, (c + 1) * ci)
-            key = layout.chunk_key(loc, c, 3)
-            what = f"chunk {key} (rows {a}-{b - 1})"
-            part = self._read(self.array(loc), (slice(a, b), tokens or slice(None)), what)
-            self._check_present(part, key, what)
-            parts.append(part)
-        out = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        tok = tokens or slice(None)
+        out = self._read_span(layout.array_key(loc), self.chunk_images, start, stop, (self.n_tokens, self.d_model),
+                              lambda x: x[:, tok])
         return out if raw else to_float32(out, self.dtype)
 
     def read_cls(self, location, start: int = 0, stop: int | None = None, raw: bool = False) -> np.ndarray:
@@ -418,16 +434,7 @@ class ActivationStore:
         if stop <= start:
             return np.empty((0, self.d_model), dtype=physical_dtype(self.dtype) if raw else np.float32)
         self._check_committed(start, stop)
-        ri = self.region_images
-        parts = []
-        for c in range(start // ri, (stop - 1) // ri + 1):
-            a, b = max(start, c * ri), min(stop, (c + 1) * ri)
-            key = layout.chunk_key(layout.cls_array_key(loc), c, 2)
-            what = f"CLS chunk {key} (rows {a}-{b - 1})"
-            part = self._read(self.cls_array(loc), (slice(a, b),), what)
-            self._check_present(part, key, what)
-            parts.append(part)
-        out = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        out = self._read_span(layout.cls_array_key(loc), self.region_images, start, stop, (self.d_model,), lambda x: x)
         return out if raw else to_float32(out, self.dtype)
 
     def read_all_cls(self, location, raw: bool = False) -> np.ndarray:

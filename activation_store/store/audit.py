@@ -5,13 +5,13 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import google_crc32c
 import numpy as np
 from tqdm import tqdm
 
 from activation_store.errors import ActivationStoreError
 from activation_store.store import layout
 from activation_store.store.activation_store import ActivationStore, ShardInfo
+from activation_store.store.chunk_io import crc_of
 from activation_store.store.encoding import physical_dtype
 from activation_store.store.images import from_parquet_bytes
 
@@ -173,7 +173,7 @@ def _crc_ok(data: bytes) -> bool:
     """Zarr's crc32c codec appends the little-endian crc32c of the preceding bytes."""
     if len(data) < 4:
         return False
-    return google_crc32c.value(data[:-4]) == int.from_bytes(data[-4:], "little")
+    return crc_of(np.frombuffer(data, np.uint8)[:-4]) == int.from_bytes(data[-4:], "little")
 
 
 def verify(store: ActivationStore, workers: int = 8, progress: bool = True) -> list[Problem]:

@@ -47,7 +47,7 @@ def to_parquet_bytes(records: list[ImageRecord], rows: list[int]) -> bytes:
         d["row"] = row
         for name in SCHEMA.names:
             cols[name].append(d[name])
-    table = pa.table(cols, schema=SCHEMA)
+    table = pa.Table.from_arrays([pa.array(cols[f.name], type=f.type) for f in SCHEMA], schema=SCHEMA)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     return buf.getvalue()

@@ -9,7 +9,9 @@ chunk, the statistics and the image table are written) makes the rows visible to
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 import numpy as np
@@ -17,6 +19,7 @@ import zarr
 
 from activation_store.errors import CapacityError, ConfigError, NonFiniteActivationError, ShardStateError
 from activation_store.store import layout
+from activation_store.store.chunk_io import ChunkCodec
 from activation_store.store.encoding import bitround, fill_value, nonfinite_rows, physical_dtype, to_float32, to_storage
 from activation_store.store.images import OK, ImageRecord, to_parquet_bytes
 from activation_store.store.stats import Moments
@@ -31,12 +34,12 @@ class _LossyError:
     def add(self, given: np.ndarray, stored: np.ndarray) -> None:
         err = np.abs(stored - given)
         mag = np.abs(given)
-        normal = mag >= np.finfo(np.float16).tiny  # relative error is meaningful for normal numbers
         self.max_abs = max(self.max_abs, float(err.max(initial=0.0)))
-        if normal.any():
-            self.max_rel = max(self.max_rel, float((err[normal] / mag[normal]).max()))
-        self.sum_sq_err += float(np.square(err, dtype=np.float64).sum())
-        self.sum_sq += float(np.square(given, dtype=np.float64).sum())
+        # relative error is meaningful for normal numbers only: mask the rest without fancy indexing
+        rel = np.divide(err, mag, out=np.zeros_like(err), where=mag >= np.finfo(np.float16).tiny)
+        self.max_rel = max(self.max_rel, float(rel.max(initial=0.0)))
+        self.sum_sq_err += float(np.einsum("i,i->", err.ravel(), err.ravel(), dtype=np.float64))
+        self.sum_sq += float(np.einsum("i,i->", given.ravel(), given.ravel(), dtype=np.float64))
 
     def to_dict(self) -> dict:
         return {"max_abs": self.max_abs, "max_rel": self.max_rel, "sum_sq_err": self.sum_sq_err, "sum_sq": self.sum_sq}
@@ -50,7 +53,7 @@ class ShardWriter:
     `add_dropped(images)` records images that were not stored (with their reason in `status`).
     """
 
-    def __init__(self, store, shard, compute_stats: bool = True) -> None:
+    def __init__(self, store, shard, compute_stats: bool = True, check_finite: bool = True, threads: int | None = None) -> None:
         if shard.committed:
             raise ShardStateError(
                 f"input shard {shard.source!r} ({shard.name}) of {store.url} is already committed; "
@@ -59,11 +62,14 @@ class ShardWriter:
         self.store = store
         self.shard = shard
         self.compute_stats = compute_stats
-        self._group = zarr.open_group(store.storage.zarr_store(), mode="r+")
-        self._main = {loc: self._group[layout.array_key(loc)] for loc in store.locations}
-        self._cls = {loc: self._group[layout.cls_array_key(loc)] for loc in store.locations}
+        self.check_finite = check_finite
+        group = zarr.open_group(store.storage.zarr_store(), mode="r")
+        self._codec = {}
+        for loc in store.locations:
+            for key in (layout.array_key(loc), layout.cls_array_key(loc)):
+                self._codec[key] = ChunkCodec([c.to_dict() for c in group[key].metadata.codecs])
         end = shard.row_start + shard.region_rows
-        if self._main[store.locations[0]].shape[0] < end:
+        if group[layout.array_key(store.locations[0])].shape[0] < end:
             raise ShardStateError(f"{store.url}: arrays do not cover the region of {shard.name}; re-run the planning step")
         if shard.state == layout.WRITING:
             self._clean_region()
@@ -82,6 +88,9 @@ class ShardWriter:
         self._rows: list[int] = []
         self._moments = {loc: {g: Moments(d) for g in layout.MOMENT_GROUPS} for loc in store.locations}
         self._lossy = {loc: _LossyError() for loc in store.locations} if store.codec.lossy else None
+        # encoding and writing release the GIL: one thread per location keeps the cores busy
+        n_threads = threads or min(len(store.locations), len(os.sched_getaffinity(0)) * 2)
+        self._pool = ThreadPoolExecutor(n_threads) if n_threads > 1 else None
         self._closed = False
 
     # ------------------------------------------------------------------ state
@@ -142,8 +151,8 @@ class ShardWriter:
             if st.codec.lossy:
                 raw = bitround(np.array(raw, copy=True), st.dtype, st.codec.keepbits)
                 self._lossy[loc].add(np.asarray(x, dtype=np.float32), to_float32(raw, st.dtype))
-            bad = nonfinite_rows(raw, st.dtype)
-            if bad.any():
+            bad = nonfinite_rows(raw, st.dtype) if self.check_finite else None
+            if bad is not None:
                 keys = [images[i].key for i in np.flatnonzero(bad)[:5]]
                 raise NonFiniteActivationError(
                     f"{loc}: activations of images {keys} are NaN/inf in {st.dtype}; compute in a wider dtype, "
@@ -176,29 +185,46 @@ class ShardWriter:
             self._records.append(rec)
             self._rows.append(-1)
 
+    def _map_locations(self, fn) -> None:
+        if self._pool is None:
+            for loc in self.store.locations:
+                fn(loc)
+        else:
+            for _ in self._pool.map(fn, self.store.locations):
+                pass
+
+    def _write_chunk(self, array_key: str, index: int, buf: np.ndarray) -> None:
+        self.store.storage.write_chunk(layout.chunk_key(array_key, index, buf.ndim), self._codec[array_key].encode(buf))
+
     def _flush_chunk(self) -> None:
         st, n = self.store, self._fill
-        start = self.shard.row_start + self._chunks_written * st.chunk_images
-        for loc in st.locations:
+        index = self.shard.row_start // st.chunk_images + self._chunks_written
+
+        def flush(loc: str) -> None:
             buf = self._buf[loc]
             if n < st.chunk_images:
                 buf[n:] = fill_value(st.dtype)  # the padding of a shard's last chunk reads as NaN
-            self._main[loc][start : start + st.chunk_images] = buf
+            self._write_chunk(layout.array_key(loc), index, buf)
             if self.compute_stats:
                 x = to_float32(buf[:n], st.dtype)
                 self._moments[loc]["cls"].add(x[:, 0])
                 self._moments[loc]["patches"].add(x[:, 1:])
+
+        self._map_locations(flush)
         self._chunks_written += 1
         self._fill = 0
 
     def _flush_cls(self) -> None:
         st, n = self.store, self._cls_fill
-        start = self.shard.row_start + self._cls_chunks_written * st.region_images
-        for loc in st.locations:
+        index = self.shard.row_start // st.region_images + self._cls_chunks_written
+
+        def flush(loc: str) -> None:
             buf = self._cls_buf[loc]
             if n < st.region_images:
                 buf[n:] = fill_value(st.dtype)
-            self._cls[loc][start : start + st.region_images] = buf
+            self._write_chunk(layout.cls_array_key(loc), index, buf)
+
+        self._map_locations(flush)
         self._cls_chunks_written += 1
         self._cls_fill = 0
 
@@ -244,9 +270,14 @@ class ShardWriter:
         if self._lossy is not None:
             commit["lossy_error"] = {loc: e.to_dict() for loc, e in self._lossy.items()}
         self._set_state(layout.COMMITTED, commit)
-        self._closed = True
+        self._close()
         st.refresh()
         return commit
+
+    def _close(self) -> None:
+        self._closed = True
+        if self._pool is not None:
+            self._pool.shutdown()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -258,4 +289,6 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None and not self._closed:
             self.commit()
+        elif not self._closed:
+            self._close()
         # on error the shard stays in state `writing`: invisible, and cleaned by the next writer
