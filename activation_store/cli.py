@@ -54,6 +54,40 @@ def cmd_verify(args) -> int:
     return 1 if problems else 0
 
 
+def _csv_floats(value: str | None):
+    return None if value is None else tuple(float(x) for x in value.split(","))
+
+
+def cmd_harvest(args) -> int:
+    from activation_store.harvest.config import build_config, load_config_file
+    from activation_store.harvest.run import harvest
+
+    file_values = load_config_file(args.config) if args.config else {}
+    overrides = {
+        "out": args.out, "urls": args.urls, "shards": args.shards, "images": args.images, "layers": args.layers,
+        "batch_size": args.batch_size, "workers": args.workers, "shard_size": args.shard_size,
+        "min_image_size": args.min_image_size, "rank": args.rank, "world_size": args.world_size,
+        "report": args.report, "storage_options": _storage_options(args),
+        "progress": False if args.no_progress else None,
+        "model.model": args.model, "model.pretrained": args.pretrained, "model.seed": args.seed,
+        "model.mean": _csv_floats(args.mean), "model.std": _csv_floats(args.std),
+        "model.preprocess_tag": args.preprocess_tag, "model.compute_dtype": args.dtype, "model.device": args.device,
+        "store.dtype": args.store_dtype, "store.codec": args.codec, "store.chunk_images": args.chunk_images,
+        "store.region_images": args.region_images,
+        "download.work_dir": args.download_dir, "download.number_sample_per_shard": args.urls_per_shard,
+        "download.processes_count": args.download_processes, "download.thread_count": args.download_threads,
+    }
+    report = harvest(build_config(file_values, overrides))
+    imgs, shards = report["images"], report["input_shards"]
+    if shards["skipped_committed"]:
+        print(f"{shards['skipped_committed']} of this rank's {shards['this_rank']} input shards were already committed: skipped")
+    print(f"stored {imgs['stored']:,} of {imgs['seen']:,} images ({', '.join(f'{k} {v}' for k, v in sorted(imgs['by_status'].items()))}) "
+          f"into {report['store']} at {report['images_per_s'] or 0:.1f} images/s; report: {report['report_path']}")
+    if report["random_weights"]:
+        print("note: the model has random weights (--pretrained none)")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from activation_store.demo import run_demo
 
@@ -83,6 +117,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=8, help="parallel chunk reads (default 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("harvest", help="run an open_clip ViT over images and store its residual stream",
+                       description="Run an open_clip ViT once over URLs (via img2dataset), webdataset shards or an "
+                       "image folder, and store the residual stream of the requested layers. Resumable: rerun the same "
+                       "command after a crash. Split across processes with --rank/--world-size (or torchrun/SLURM "
+                       "variables).")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--urls", help="parquet or csv URL list (url and caption columns), downloaded with img2dataset")
+    src.add_argument("--shards", help="webdataset tars: a path, URL or brace pattern (data/{00000..00099}.tar)")
+    src.add_argument("--images", help="a folder of images (searched recursively)")
+    p.add_argument("--out", help="the store (local path or s3://...); created, or resumed if it exists")
+    p.add_argument("--layers", help="0-indexed blocks to store, e.g. 2,5,8,11,14,17,20,22 (the default)")
+    p.add_argument("--model", help="open_clip model name, local-dir:PATH, or a model-config .json (default ViT-L-14)")
+    p.add_argument("--pretrained", help="pretrained tag (default laion2b_s32b_b82k), a weights file, or none for random weights")
+    p.add_argument("--seed", type=int, help="seed of random weights (--pretrained none)")
+    p.add_argument("--mean", help="preprocessing mean R,G,B (needed with a weights file)")
+    p.add_argument("--std", help="preprocessing std R,G,B (needed with a weights file)")
+    p.add_argument("--preprocess-tag", help="with a weights file: use this pretrained tag's preprocessing")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="compute dtype of the ViT (default fp32)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default cpu)")
+    p.add_argument("--batch-size", type=int, help="images per forward pass (default 64)")
+    p.add_argument("--workers", type=int, help="decode processes (default 4; 0 decodes in this process)")
+    p.add_argument("--store-dtype", choices=["fp16", "bf16", "fp32"], help="storage dtype (default fp16)")
+    p.add_argument("--codec", help="codec preset: none (default), zstd, shuffle-zstd, bitround-shuffle-zstd")
+    p.add_argument("--chunk-images", type=int, help="images per chunk (default 16)")
+    p.add_argument("--region-images", type=int, help="shard region alignment and CLS chunk size (default 1024)")
+    p.add_argument("--shard-size", type=int, help="images per input shard for --images (default 1000)")
+    p.add_argument("--min-image-size", type=int, help="drop images smaller than this many pixels on a side (default 2)")
+    p.add_argument("--urls-per-shard", type=int, help="URLs per input shard for --urls (default 1000)")
+    p.add_argument("--download-dir", help="where img2dataset writes shards (default beside the store)")
+    p.add_argument("--download-processes", type=int, help="img2dataset processes (default 2)")
+    p.add_argument("--download-threads", type=int, help="img2dataset threads per process (default 16)")
+    p.add_argument("--rank", type=int, help="this process's rank (default $RANK or $SLURM_PROCID or 0)")
+    p.add_argument("--world-size", type=int, help="number of processes (default $WORLD_SIZE or $SLURM_NTASKS or 1)")
+    p.add_argument("--config", help="TOML or YAML file with these settings; flags override it")
+    p.add_argument("--report", help="JSON report path ({rank} is replaced; default beside the store)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// stores and shards")
+    p.add_argument("--storage-options", metavar="JSON", help="fsspec options for remote stores and shards")
+    p.set_defaults(func=cmd_harvest)
 
     p = sub.add_parser("demo", help="the README's demo: build a small store and show info and verify",
                        description="Run the built-in demo into OUT.")

@@ -83,6 +83,7 @@ class ShardWriter:
         self._cls_fill = 0
         self._next_row = shard.row_start
         self._chunks_written = 0
+        self._batches_without_stats = 0
         self._cls_chunks_written = 0
         self._records: list[ImageRecord] = []
         self._rows: list[int] = []
@@ -125,7 +126,11 @@ class ShardWriter:
     def n_rows(self) -> int:
         return len([r for r in self._rows if r >= 0])
 
-    def add(self, activations: Mapping[str, np.ndarray], images: Sequence[ImageRecord]) -> None:
+    def add(self, activations: Mapping[str, np.ndarray], images: Sequence[ImageRecord],
+            moments: Mapping[str, Mapping[str, Moments]] | None = None) -> None:
+        """Store B images. `moments` ({location: {"cls": Moments, "patches": Moments}} of exactly these
+        stored values), when given, replaces the writer's own statistics (a harvest computes them on
+        the GPU); give it for every call or for none."""
         self._check_open()
         st = self.store
         missing = set(st.locations) - {str(k) for k in activations}
@@ -172,6 +177,14 @@ class ShardWriter:
                 self._flush_chunk()
             if self._cls_fill == st.region_images:
                 self._flush_cls()
+        if moments is None and not self.compute_stats:
+            self._batches_without_stats += 1
+        if moments is not None:
+            if self.compute_stats:
+                raise ConfigError("pass moments to add() only to a writer made with compute_stats=False")
+            for loc in st.locations:
+                for g in layout.MOMENT_GROUPS:
+                    self._moments[loc][g].merge(moments[loc][g])
         for rec in images:
             self._records.append(rec)
             self._rows.append(self._next_row)
@@ -264,7 +277,7 @@ class ShardWriter:
             "chunks": self._chunks_written,
             "cls_chunks": self._cls_chunks_written,
             "moment_counts": counts,
-            "stats_complete": self.compute_stats,
+            "stats_complete": self._batches_without_stats == 0,
             "committed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         if self._lossy is not None:
