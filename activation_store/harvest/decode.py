@@ -6,6 +6,7 @@ the harvest counts and records in the image-metadata table."""
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -23,6 +24,11 @@ TOO_SMALL = "too_small"
 MISSING = "missing_image"
 TRUNCATED_TAR = "truncated_tar"
 DOWNLOAD_ERROR = "download_error"
+
+
+def _message(exc: BaseException) -> str:
+    # Pillow names the in-memory file object, with its address: keep messages reproducible
+    return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))
 
 
 @dataclass
@@ -46,14 +52,14 @@ def decode_image(data: bytes | None, transform, min_size: int = 2) -> Decoded:
             width, height = img.size
             img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        return Decoded(None, DECOMPRESSION_BOMB, str(exc))
+        return Decoded(None, DECOMPRESSION_BOMB, _message(exc))
     except UnidentifiedImageError as exc:
-        return Decoded(None, NOT_AN_IMAGE, str(exc))
+        return Decoded(None, NOT_AN_IMAGE, _message(exc))
     except OSError as exc:
         status = TRUNCATED if "truncated" in str(exc).lower() else DECODE_ERROR
-        return Decoded(None, status, str(exc))
+        return Decoded(None, status, _message(exc))
     except Exception as exc:  # Pillow raises a zoo of types on malformed files
-        return Decoded(None, DECODE_ERROR, f"{type(exc).__name__}: {exc}")
+        return Decoded(None, DECODE_ERROR, f"{type(exc).__name__}: {_message(exc)}")
     if min(width, height) < min_size:
         return Decoded(None, TOO_SMALL, f"{width}x{height} is smaller than {min_size} px", width, height)
     mode = img.mode

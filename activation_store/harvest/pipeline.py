@@ -144,7 +144,7 @@ class ShardRunner:
                     continue
                 if fill == 0 and self.pix_free[k] is not None:
                     self.pix_free[k].synchronize()  # its previous batch has left for the device
-                self.pixels[k][fill] = torch.from_numpy(dec.pixels)
+                self.pixels[k][fill].numpy()[...] = dec.pixels
                 records.append(rec)
                 fill += 1
                 if fill == self.batch_size:

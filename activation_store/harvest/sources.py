@@ -169,16 +169,14 @@ def _tar_reader(fs, path: str, url: str):
                     if not member.isfile():
                         continue
                     key, ext = _split_key(member.name)
-                    data = tar.extractfile(member).read()
                     if current is not None and current["__key__"] != key:
-                        yield emit(current)
+                        yield emit(current)  # complete: the next sample's first file has begun
                         current = None
                     if current is None:
                         current = {"__key__": key}
-                    current[ext] = data
+                    current[ext] = tar.extractfile(member).read()
         except (tarfile.TarError, EOFError, OSError) as exc:
-            if current is not None:
-                current = None  # its files may be incomplete
+            # the sample being read may be incomplete: it is lost with the rest of the tar
             yield Sample(f"{url}:truncated", None, row, status=TRUNCATED_TAR,
                          error=f"{type(exc).__name__}: {exc}; later samples of this tar are lost")
             return
