@@ -91,7 +91,7 @@ def cmd_harvest(args) -> int:
 def cmd_demo(args) -> int:
     from activation_store.demo import run_demo
 
-    return run_demo(args.out)
+    return run_demo(args.out, device=args.device)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,9 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-options", metavar="JSON", help="fsspec options for remote stores and shards")
     p.set_defaults(func=cmd_harvest)
 
-    p = sub.add_parser("demo", help="the README's demo: build a small store and show info and verify",
-                       description="Run the built-in demo into OUT.")
+    p = sub.add_parser("demo", help="the README's demo: bundled photos -> harvest -> store -> info and verify",
+                       description="Harvest the bundled CC0 photos with ViT-L-14 (random weights when the "
+                       "pretrained ones are not on this machine) into OUT/store.zarr, then show info and verify.")
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.set_defaults(func=cmd_demo)
     return parser
 

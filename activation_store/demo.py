@@ -1,39 +1,47 @@
-"""The README's demo. For now (the harvest lands with issue 3) it writes synthetic ViT-like
-activations through the store's writer API as two input shards, then shows `info` and `verify`."""
+"""The README's demo: the bundled CC0 photos -> harvest (ViT-L-14, eight layers) -> store -> info
+and verify. Later stages (readers, SAE training, evaluation report) join as they land."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
-from activation_store.store import ActivationStore, ImageRecord, StoreConfig
+from activation_store.harvest.config import DEFAULT_LAYERS, HarvestConfig
+from activation_store.harvest.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelConfig, pretrained_reachable
+from activation_store.harvest.run import harvest
+from activation_store.store import open_store
 from activation_store.store.audit import format_info, info, verify
-from activation_store.synthetic import synthetic_activations
+
+SAMPLE_IMAGES = Path(__file__).parent / "sample_images"
 
 
-def run_demo(out: str) -> int:
+def run_demo(out: str, model: str = DEFAULT_MODEL, pretrained: str = DEFAULT_PRETRAINED, device: str = "cpu",
+             compute_dtype: str = "bf16", layers: str = DEFAULT_LAYERS) -> int:
     out_dir = Path(out)
     store_path = out_dir / "store.zarr"
     if store_path.exists():
         shutil.rmtree(store_path)
     out_dir.mkdir(parents=True, exist_ok=True)
-    locations = ["resid_2", "resid_11", "resid_22"]
-    store = ActivationStore.create(
-        str(store_path), locations=locations, n_tokens=257, d_model=256,
-        config=StoreConfig(dtype="fp16", codec="none", chunk_images=16, region_images=64),
-        model={"name": "synthetic", "pretrained": "none", "note": "synthetic activations until the harvest exists"},
+    if not pretrained_reachable(model, pretrained):
+        print(f"{model} weights '{pretrained}' are not available on this machine (no download here): "
+              f"using random weights of the same architecture; the harvest report says so.")
+        pretrained = "none"
+    cfg = HarvestConfig(
+        out=str(store_path), images=str(SAMPLE_IMAGES), layers=layers,
+        model=ModelConfig(model=model, pretrained=pretrained, device=device, compute_dtype=compute_dtype),
+        batch_size=5, workers=2, shard_size=5, report=str(out_dir / "harvest-report.json"),
     )
-    shards = [("demo-000", 48), ("demo-001", 32)]
-    store.plan_shards(shards)
-    for seed, (source, n) in enumerate(shards):
-        with store.writer(source) as w:
-            for start in range(0, n, 8):
-                acts = {loc: synthetic_activations(seed * 1000 + start + li, 8, 257, 256)
-                        for li, loc in enumerate(locations)}
-                w.add(acts, [ImageRecord(key=f"{source}/{start + i:04d}", source_shard=source, source_row=start + i)
-                             for i in range(8)])
-    print(format_info(info(store)))
+    # ten images: small chunks and regions, so the demo store is not mostly padding
+    cfg.store.chunk_images, cfg.store.region_images = 5, 5
+    report = harvest(cfg)
+    print(f"\nharvest: {report['images']['stored']} images stored at {report['images_per_s']:.2f} images/s "
+          f"(random weights: {report['random_weights']}); report {report['report_path']}\n")
+    store = open_store(str(store_path))
+    summary = info(store)
+    (out_dir / "store-info.json").write_text(json.dumps(summary, indent=2))
+    print(format_info(summary))
     problems = verify(store, progress=False)
     print(f"\nverify: {'OK' if not problems else problems}")
-    print(f"\nstore written to {store_path}; inspect it with `actstore info {store_path}`")
+    print(f"\nwritten to {out_dir}/: store.zarr, harvest-report.json, store-info.json")
     return 0 if not problems else 1
