@@ -75,7 +75,11 @@ class HarvestConfig:
         return [f"resid_{layer}" for layer in sorted(set(self.layers))]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """For the store's `harvest_config` attribute: storage options may hold credentials, so only
+        their names are kept."""
+        d = asdict(self)
+        d["storage_options"] = sorted(self.storage_options)
+        return d
 
 
 def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:

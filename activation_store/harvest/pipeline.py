@@ -34,10 +34,11 @@ _worker_transform = None
 _worker_min_size = 2
 
 
-def _init_worker(transform, min_size: int) -> None:
+def _init_worker(transform, min_size: int, in_child: bool = True) -> None:
     global _worker_transform, _worker_min_size
     _worker_transform, _worker_min_size = transform, min_size
-    torch.set_num_threads(1)
+    if in_child:
+        torch.set_num_threads(1)  # decoding needs no torch threads; they would compete with the forward
 
 
 def _decode_task(sample: Sample) -> tuple[Sample, Decoded]:
@@ -57,8 +58,7 @@ class DecodePool:
             ctx = mp.get_context("fork" if use_fork else "spawn")
             self.pool = ctx.Pool(workers, initializer=_init_worker, initargs=(transform, min_size))
         else:
-            _init_worker(transform, min_size)
-            torch.set_num_threads(torch.get_num_threads())
+            _init_worker(transform, min_size, in_child=False)
             self.pool = None
 
     def imap(self, samples):
@@ -195,6 +195,8 @@ class ShardRunner:
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.device))
             self.copy_stream.wait_event(ready)
+            for t in (stats, counts, bad):  # made on the compute stream, read on the copy stream
+                t.record_stream(self.copy_stream)
             with torch.cuda.stream(self.copy_stream):
                 slot.acts[:, :b].copy_(acts, non_blocking=True)
                 slot.bad[:b].copy_(bad, non_blocking=True)
