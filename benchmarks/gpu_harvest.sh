@@ -8,7 +8,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 benchmarks/harvest_device_check.py --device cuda 2>&1 | grep -v WARNING | tee "$OUT/device_check.txt"
-common="--model ViT-L-14 --pretrained none --device cuda --dtype bf16 --batch-size 128 --images 1024 --workers 12 --layers 2,5,8,11,14,17,20,22 --repeats 1"
+common="--model ViT-L-14 --pretrained none --device cuda --dtype bf16 --batch-size 128 --images 2048 --workers 12 --layers 2,5,8,11,14,17,20,22 --repeats 1"
 python3 benchmarks/harvest.py $common --workdir /dev/shm/hb --out "$OUT/harvest_gpu_tmpfs.json" 2>&1 | grep -v WARNING
 rm -rf /dev/shm/hb
 python3 benchmarks/harvest.py $common --workdir /tmp/hb --out "$OUT/harvest_gpu_disk.json" 2>&1 | grep -v WARNING

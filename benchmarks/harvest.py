@@ -104,18 +104,22 @@ def main(argv=None) -> int:
             shutil.rmtree(store, ignore_errors=True)
         best = max(runs, key=lambda x: x["images_per_s"])
         full = best["images_per_s"]
+        steady = best["steady_images_per_s"] or full
         gb = best["bytes_written"] / best["seconds"]["harvest"] / 1e9
         row = {
             "model": Path(args.model).stem, "device": args.device, "dtype": args.dtype, "batch": args.batch_size,
             "layers": layers, "images": len(paths), "decode_workers": args.workers,
             "bare_forward_img_s": bare, "harvest_img_s": full, "ratio": full / bare, "written_gb_s": gb,
+            "harvest_steady_img_s": steady, "steady_ratio": steady / bare, "seconds": best["seconds"],
         }
         dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
         print(f"{'model':<16} {'device':<8} {'dtype':<5} {'batch':>5} {'layers':>6} {'bare img/s':>10} "
-              f"{'harvest img/s':>13} {'ratio':>6} {'GB/s written':>12}")
+              f"{'harvest img/s':>13} {'ratio':>6} {'steady img/s':>12} {'ratio':>6} {'GB/s written':>12}")
         print(f"{row['model']:<16} {args.device:<8} {args.dtype:<5} {args.batch_size:>5} {len(layers):>6} "
-              f"{bare:>10.1f} {full:>13.1f} {row['ratio']:>6.2f} {gb:>12.3f}")
-        print(f"\n(device: {dev}; {len(os.sched_getaffinity(0))} CPUs; ratio = harvest / bare forward, same run)")
+              f"{bare:>10.1f} {full:>13.1f} {row['ratio']:>6.2f} {steady:>12.1f} {row['steady_ratio']:>6.2f} {gb:>12.3f}")
+        print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in best["seconds"].items()))
+        print(f"\n(device: {dev}; {len(os.sched_getaffinity(0))} CPUs; ratio = harvest / bare forward, same run; "
+              f"steady = after the first batch)")
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"machine": {"device": dev, "cpus": len(os.sched_getaffinity(0)),
                                                           "platform": platform.platform()}, "result": row}, indent=2))

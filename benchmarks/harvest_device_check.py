@@ -32,6 +32,11 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(HERE))
     from harvest import make_photos
 
+    import torch
+
+    # TF32 convolutions and matmuls differ from the CPU by ~1e-3: the check is about data movement
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     work = Path(tempfile.mkdtemp(prefix="device_check_"))
     make_photos(work / "photos", args.images)
     stores = {}
@@ -51,7 +56,7 @@ def main(argv=None) -> int:
         ma, mb = a.stats(loc), b.stats(loc)
         dmean = float(np.abs(ma.mean - mb.mean).max())
         dvar = float((np.abs(ma.var - mb.var) / ma.var).max())
-        ok &= diff < 1e-3 and ma.count == mb.count and dvar < 1e-3
+        ok &= diff < 1e-4 * max(1.0, ma.max_abs) and ma.count == mb.count and dvar < 1e-4
         print(f"{loc:<10} {diff:>16.3g} {ma.max_abs:>9.3g} {dmean:>16.3g} {dvar:>19.3g}")
     print("device check:", "OK" if ok else "FAILED")
     shutil.rmtree(work, ignore_errors=True)

@@ -61,6 +61,11 @@ class DecodePool:
             _init_worker(transform, min_size, in_child=False)
             self.pool = None
 
+    def warm_up(self) -> None:
+        """Wait until every worker process is up (spawned workers import torch: seconds)."""
+        if self.pool is not None:
+            self.pool.map(time.sleep, [0.05] * (2 * self.workers), chunksize=1)
+
     def imap(self, samples):
         if self.pool is None:
             return map(_decode_task, samples)
@@ -114,6 +119,9 @@ class ShardRunner:
             self.free_slots.put(i)
         self.bytes_written = 0
         self.counts: dict[str, int] = {}
+        # where the time goes (main thread: waiting for decoded images, for a free host slot;
+        # writer thread: waiting for the device copy, writing)
+        self.stage_seconds = {"wait_decode": 0.0, "wait_writer": 0.0, "writer_wait_device": 0.0, "writer_write": 0.0}
 
     # ------------------------------------------------------------------ one shard
     def run(self, shard: InputShard) -> dict:
@@ -127,7 +135,14 @@ class ShardRunner:
         fill = 0
         records: list[ImageRecord] = []
         try:
-            for sample, dec in self.pool.imap(shard.samples()):
+            decoded = iter(self.pool.imap(shard.samples()))
+            while True:
+                t = time.perf_counter()
+                item = next(decoded, None)
+                self.stage_seconds["wait_decode"] += time.perf_counter() - t
+                if item is None:
+                    break
+                sample, dec = item
                 if errors:
                     raise errors[0]
                 rec = ImageRecord(key=sample.key, url=sample.url, caption=sample.caption, width=dec.width,
@@ -189,7 +204,9 @@ class ShardRunner:
         model.forward(model.normalize(x), sink)
         acts = dev[:, :b]
         stats, counts, bad = _device_moments(acts)
+        t = time.perf_counter()
         slot_i = self.free_slots.get()
+        self.stage_seconds["wait_writer"] += time.perf_counter() - t
         slot = self.slots[slot_i]
         if self.cuda:
             ready = torch.cuda.Event()
@@ -227,12 +244,16 @@ class ShardRunner:
                     continue
                 _, slot_i, b, records = item
                 slot = self.slots[slot_i]
+                t = time.perf_counter()
                 if slot.done is not None:
                     slot.done.synchronize()
+                t1 = time.perf_counter()
                 try:
                     self._write_batch(writer, slot, b, records)
                 finally:
                     self.free_slots.put(slot_i)
+                self.stage_seconds["writer_wait_device"] += t1 - t
+                self.stage_seconds["writer_write"] += time.perf_counter() - t1
                 if self.progress is not None:
                     self.progress.update(b)
         except BaseException as exc:  # surfaced by the main loop
@@ -265,11 +286,26 @@ class ShardRunner:
             arrays[loc] = (a.view(torch.int16).numpy().view(np.uint16) if a.dtype == torch.bfloat16 else a.numpy())
         writer.add(arrays, records, moments=moments)
         self.bytes_written += sum(a.nbytes for a in arrays.values())
+        now = time.perf_counter()
+        if self._t_first is None:
+            self._t_first = now  # steady state: from the first batch written on
+        else:
+            self.images_after_first += len(records)
+        self._t_last = now
         if self.progress is not None:
             self.progress.set_postfix_str(f"{self.bytes_written / 1e6 / max(1e-9, time.perf_counter() - self._t0):.0f} MB/s written", refresh=False)
 
     def start_clock(self) -> None:
         self._t0 = time.perf_counter()
+        self._t_first = self._t_last = None
+        self.images_after_first = 0
+
+    @property
+    def steady_images_per_s(self) -> float | None:
+        """Images/s after the first batch (excludes start-up: first decodes, kernel warm-up)."""
+        if self._t_first is None or self._t_last == self._t_first:
+            return None
+        return self.images_after_first / (self._t_last - self._t_first)
 
 
 def _device_moments(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

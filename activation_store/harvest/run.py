@@ -107,6 +107,7 @@ def harvest(cfg: HarvestConfig) -> dict:
     if downloader is not None:
         downloader.start([s.name for s in todo])
     pool = DecodePool(model.transform, cfg.workers, cfg.min_image_size, use_fork=model.device.type != "cuda")
+    pool.warm_up()
     progress = tqdm(total=sum(s.capacity for s in todo), unit="img", desc=f"harvest rank {rank}", disable=not cfg.progress,
                     dynamic_ncols=True)
     runner = ShardRunner(model, store, cfg.batch_size, pool, progress)
@@ -141,8 +142,9 @@ def harvest(cfg: HarvestConfig) -> dict:
         "images": {"stored": stored, "seen": sum(by_status.values()), "by_status": by_status,
                    "converted_to_rgb": conversions},
         "bytes_written": runner.bytes_written,
-        "seconds": {"harvest": elapsed, "total": time.perf_counter() - t_start},
+        "seconds": {"harvest": elapsed, "total": time.perf_counter() - t_start, **runner.stage_seconds},
         "images_per_s": stored / elapsed if elapsed > 0 else None,
+        "steady_images_per_s": runner.steady_images_per_s,
         "shards": results,
     }
     if downloader is not None:

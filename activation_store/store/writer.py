@@ -164,19 +164,33 @@ class ShardWriter:
                     f"store as fp32, or drop these images with add_dropped()"
                 )
             stored[loc] = raw
+        ci, ri = st.chunk_images, st.region_images
+        direct: list[tuple[str, int, np.ndarray, int]] = []  # whole chunks straight from this batch
         pos = 0
         while pos < b:
-            take = min(b - pos, st.chunk_images - self._fill)
-            for loc, raw in stored.items():
-                self._buf[loc][self._fill : self._fill + take] = raw[pos : pos + take]
-                self._cls_buf[loc][self._cls_fill : self._cls_fill + take] = raw[pos : pos + take, 0]
-            self._fill += take
-            self._cls_fill += take
+            if self._fill == 0 and b - pos >= ci:
+                index = self.shard.row_start // ci + self._chunks_written
+                direct += [(loc, index, stored[loc][pos:pos + ci], ci) for loc in st.locations]
+                self._chunks_written += 1
+                take = ci
+            else:
+                take = min(b - pos, ci - self._fill)
+                for loc, raw in stored.items():
+                    self._buf[loc][self._fill:self._fill + take] = raw[pos:pos + take]
+                self._fill += take
+                if self._fill == ci:
+                    self._flush_chunk()  # before the staging buffer is refilled
+            done = 0
+            while done < take:  # CLS tokens go to their own, larger chunks
+                n = min(take - done, ri - self._cls_fill)
+                for loc, raw in stored.items():
+                    self._cls_buf[loc][self._cls_fill:self._cls_fill + n] = raw[pos + done:pos + done + n, 0]
+                self._cls_fill += n
+                done += n
+                if self._cls_fill == ri:
+                    self._flush_cls()
             pos += take
-            if self._fill == st.chunk_images:
-                self._flush_chunk()
-            if self._cls_fill == st.region_images:
-                self._flush_cls()
+        self._write_main(direct)
         if moments is None and not self.compute_stats:
             self._batches_without_stats += 1
         if moments is not None:
@@ -209,21 +223,35 @@ class ShardWriter:
     def _write_chunk(self, array_key: str, index: int, buf: np.ndarray) -> None:
         self.store.storage.write_chunk(layout.chunk_key(array_key, index, buf.ndim), self._codec[array_key].encode(buf))
 
+    def _write_main(self, items: list[tuple[str, int, np.ndarray, int]]) -> None:
+        """Write whole main-array chunks (location, chunk index, data, valid rows) in parallel, with
+        their statistics when the writer computes them."""
+        st = self.store
+
+        def write(item):
+            loc, index, chunk, n = item
+            self._write_chunk(layout.array_key(loc), index, chunk)
+            if self.compute_stats:
+                x = to_float32(chunk[:n], st.dtype)
+                return Moments.of(x[:, 0]), Moments.of(x[:, 1:])
+            return None
+
+        if self._pool is None or len(items) < 2:
+            results = [write(item) for item in items]
+        else:
+            results = list(self._pool.map(write, items))
+        for (loc, *_), parts in zip(items, results):  # merged in a fixed order: reruns give equal bytes
+            if parts is not None:
+                self._moments[loc]["cls"].merge(parts[0])
+                self._moments[loc]["patches"].merge(parts[1])
+
     def _flush_chunk(self) -> None:
         st, n = self.store, self._fill
-        index = self.shard.row_start // st.chunk_images + self._chunks_written
-
-        def flush(loc: str) -> None:
-            buf = self._buf[loc]
-            if n < st.chunk_images:
+        if n < st.chunk_images:
+            for buf in self._buf.values():
                 buf[n:] = fill_value(st.dtype)  # the padding of a shard's last chunk reads as NaN
-            self._write_chunk(layout.array_key(loc), index, buf)
-            if self.compute_stats:
-                x = to_float32(buf[:n], st.dtype)
-                self._moments[loc]["cls"].add(x[:, 0])
-                self._moments[loc]["patches"].add(x[:, 1:])
-
-        self._map_locations(flush)
+        index = self.shard.row_start // st.chunk_images + self._chunks_written
+        self._write_main([(loc, index, self._buf[loc], n) for loc in st.locations])
         self._chunks_written += 1
         self._fill = 0
 
