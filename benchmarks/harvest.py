@@ -80,6 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default="benchmarks/results/harvest.json")
+    ap.add_argument("--profile", action="store_true", help="cProfile the harvest's main thread (top 25 by own time)")
     args = ap.parse_args(argv)
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="harvest_bench_"))
@@ -99,7 +100,15 @@ def main(argv=None) -> int:
             cfg = HarvestConfig(out=str(store), images=str(work / "photos"), layers=layers, model=mcfg,
                                 batch_size=args.batch_size, workers=args.workers, shard_size=len(paths),
                                 progress=False, report=str(work / f"report{r}.json"))
-            rep = harvest(cfg)
+            if args.profile:
+                import cProfile
+                import pstats
+
+                prof = cProfile.Profile()
+                rep = prof.runcall(harvest, cfg)
+                pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+            else:
+                rep = harvest(cfg)
             runs.append(rep)
             shutil.rmtree(store, ignore_errors=True)
         best = max(runs, key=lambda x: x["images_per_s"])

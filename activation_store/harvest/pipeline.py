@@ -121,7 +121,8 @@ class ShardRunner:
         self.counts: dict[str, int] = {}
         # where the time goes (main thread: waiting for decoded images, for a free host slot;
         # writer thread: waiting for the device copy, writing)
-        self.stage_seconds = {"wait_decode": 0.0, "wait_writer": 0.0, "writer_wait_device": 0.0, "writer_write": 0.0}
+        self.stage_seconds = {"wait_decode": 0.0, "wait_device": 0.0, "wait_writer": 0.0, "run_batch": 0.0,
+                              "writer_wait_device": 0.0, "writer_write": 0.0}
 
     # ------------------------------------------------------------------ one shard
     def run(self, shard: InputShard) -> dict:
@@ -158,12 +159,16 @@ class ShardRunner:
                         self.progress.update(1)
                     continue
                 if fill == 0 and self.pix_free[k] is not None:
+                    t = time.perf_counter()
                     self.pix_free[k].synchronize()  # its previous batch has left for the device
+                    self.stage_seconds["wait_device"] += time.perf_counter() - t
                 self.pixels[k][fill].numpy()[...] = dec.pixels
                 records.append(rec)
                 fill += 1
                 if fill == self.batch_size:
+                    t = time.perf_counter()
                     self._run_batch(k, fill, records, work)
+                    self.stage_seconds["run_batch"] += time.perf_counter() - t
                     k, fill, records = 1 - k, 0, []
             if fill:
                 self._run_batch(k, fill, records, work)
