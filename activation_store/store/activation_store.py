@@ -374,6 +374,7 @@ class ActivationStore:
         codec = self.chunk_codec(array_key)
         if codec is not None and codec.uncompressed and self.storage.is_local:
             codec.pread_uncompressed(self.storage.path(key), out, what)
+            self.storage.count_read(out.nbytes + 4)
             return
         if codec is not None:
             data = self.storage.read_bytes(key)

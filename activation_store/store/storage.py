@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import threading
 import uuid
 
 import fsspec
@@ -29,6 +30,12 @@ class Storage:
             # bound to whichever event loop created it first.
             self.fs, self.root = fsspec.core.url_to_fs(self.url, skip_instance_cache=True, **self.storage_options)
         self._zarr_store = None
+        self.bytes_read = 0  # bytes fetched from storage by our own read paths (a running count)
+        self._count_lock = threading.Lock()
+
+    def count_read(self, n: int) -> None:
+        with self._count_lock:
+            self.bytes_read += n
 
     def __repr__(self) -> str:
         return f"Storage({self.url!r})"
@@ -49,9 +56,11 @@ class Storage:
 
     def read_bytes(self, key: str) -> bytes | None:
         try:
-            return self.fs.cat_file(self.path(key))
+            data = self.fs.cat_file(self.path(key))
         except FileNotFoundError:
             return None
+        self.count_read(len(data))
+        return data
 
     def write_bytes(self, key: str, data: bytes) -> None:
         """Write an object so that a reader sees either the old or the new content, never half."""

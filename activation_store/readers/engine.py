@@ -1,0 +1,234 @@
+"""The reading engine behind ShuffledReader and OrderedReader.
+
+Per epoch, every rank computes the same plan: the committed chunks ("units") in a random order
+(store order when not shuffling), this rank's share (`order[rank::world]`), grouped into windows
+of at most `buffer_tokens` tokens. A window's chunks are fetched and decoded by a thread pool
+(numcodecs and preadv release the GIL) straight into one of two preallocated window buffers,
+while the other window is served: a random permutation of its tokens is gathered, a batch at a
+time, into the output (one vectorised `np.take`, no per-row Python). State is (epoch, window,
+position): resuming reloads one window and continues with exactly the sequence an uninterrupted
+reader would have produced."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from activation_store.errors import ConfigError
+from activation_store.readers.normalize import Normalizer
+from activation_store.readers.selection import TokenSelection
+from activation_store.store import layout
+from activation_store.store.encoding import physical_dtype
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_STORAGE_VIEW = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_RAW_TORCH = {"fp16": torch.float16, "bf16": torch.int16, "fp32": torch.float32}  # same bits as storage
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One chunk to read: `n_rows` committed images starting at array row `row_start`."""
+
+    array_key: str
+    index: int
+    row_start: int
+    n_rows: int
+    rows_per_chunk: int
+
+
+def list_units(store, location: str, sel: TokenSelection, shard_ids: list[int] | None = None) -> list[Unit]:
+    """Committed chunks of a location in store order (of the given shards only, when given)."""
+    shards = [s for s in store.committed_shards() if shard_ids is None or s.index in shard_ids]
+    key = layout.cls_array_key(location) if sel.cls_only else layout.array_key(location)
+    per = store.region_images if sel.cls_only else store.chunk_images
+    units = []
+    for s in shards:
+        for start in range(s.row_start, s.row_stop, per):
+            units.append(Unit(key, start // per, start, min(start + per, s.row_stop) - start, per))
+    return units
+
+
+class Engine:
+    """Iterates batches for one epoch plan; see the module docstring."""
+
+    def __init__(self, store, location: str, sel: TokenSelection, *, batch_size: int, buffer_tokens: int,
+                 seed: int, rank: int, world_size: int, shuffle: bool, drop_last: bool, dtype: str,
+                 device: str, normalizer: Normalizer, return_ids: bool, threads: int) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if dtype not in TORCH_DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} is not in [0, {world_size})")
+        self.store, self.location, self.sel = store, location, sel
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world_size
+        self.shuffle, self.drop_last, self.return_ids = shuffle, drop_last, return_ids
+        self.out_dtype = TORCH_DTYPES[dtype]
+        self.device = torch.device(device)
+        self.normalizer = normalizer
+        self.d = store.d_model
+        self.pdtype = physical_dtype(store.dtype)
+        self.per_unit_rows = store.region_images if sel.cls_only else store.chunk_images
+        # a window holds at least one whole chunk (read whole, padding included)
+        self.unit_tokens = self.per_unit_rows * (1 if sel.cls_only else store.n_tokens)
+        self.buffer_tokens = max(int(buffer_tokens), self.unit_tokens)
+        self.capacity = self.buffer_tokens + self.unit_tokens
+        self.buffers = [np.empty((self.capacity, self.d), dtype=self.pdtype) for _ in range(2)]
+        self.pool = ThreadPoolExecutor(threads)
+        self._local = threading.local()
+        pin = self.device.type == "cuda" and torch.cuda.is_available()
+        self.out = [torch.empty((batch_size, self.d), dtype=_RAW_TORCH[store.dtype], pin_memory=pin) for _ in range(3)]
+        self.out_ready = [None, None, None]
+        self.token_index = sel.token_index()
+
+    # ------------------------------------------------------------------ the plan
+    def plan(self, epoch: int, units: list[Unit]) -> dict:
+        """This rank's windows for an epoch, and how many batches it yields."""
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(units))
+        else:
+            order = np.arange(len(units))
+        per_image = self.sel.per_image
+        rank_tokens = [sum(units[i].n_rows * per_image for i in order[r::self.world]) for r in range(self.world)]
+        mine = order[self.rank::self.world]
+        windows, current, used = [], [], 0
+        for i in mine:
+            u = units[i]
+            cost = self._slot_tokens(u)  # buffer rows the unit occupies
+            if current and used + cost > self.buffer_tokens:
+                windows.append(current)
+                current, used = [], 0
+            current.append(u)
+            used += cost
+        if current:
+            windows.append(current)
+        total = rank_tokens[self.rank]
+        if self.drop_last:
+            n_batches = min(rank_tokens) // self.batch_size  # equal on every rank (DDP needs that)
+        else:
+            n_batches = -(-total // self.batch_size)
+        return {"windows": windows, "tokens": total, "n_batches": n_batches,
+                "yield_tokens": n_batches * self.batch_size if self.drop_last else total}
+
+    # ------------------------------------------------------------------ loading a window
+    def _slot_tokens(self, unit: Unit) -> int:
+        """Whole chunks land as they are stored (padding included); selected tokens are packed."""
+        return self.unit_tokens if self.sel.indices is None else unit.n_rows * self.sel.per_image
+
+    def _staging(self, unit: Unit) -> np.ndarray:
+        shape = (unit.rows_per_chunk, self.store.n_tokens, self.d)
+        st = getattr(self._local, "staging", None)
+        if st is None or st.shape != shape:
+            st = self._local.staging = np.empty(shape, dtype=self.pdtype)
+        return st
+
+    def _load_unit(self, unit: Unit, buf: np.ndarray, offset: int) -> None:
+        if self.sel.cls_only:
+            self.store.fetch_chunk_into(unit.array_key, unit.index, buf[offset:offset + unit.rows_per_chunk])
+        elif self.sel.indices is None:
+            region = buf[offset:offset + self.unit_tokens].reshape(unit.rows_per_chunk, self.store.n_tokens, self.d)
+            self.store.fetch_chunk_into(unit.array_key, unit.index, region)
+        else:
+            staging = self._staging(unit)
+            self.store.fetch_chunk_into(unit.array_key, unit.index, staging)
+            k = self.sel.per_image
+            region = buf[offset:offset + unit.n_rows * k].reshape(unit.n_rows, k, self.d)
+            np.take(staging[:unit.n_rows], self.sel.indices, axis=1, out=region)
+
+    def start_window(self, window: list[Unit], slot: int) -> list[Future]:
+        """Submit every chunk of a window; returns the futures and fills `self._layout[slot]`."""
+        buf = self.buffers[slot]
+        offsets, offset = [], 0
+        for u in window:
+            offsets.append(offset)
+            offset += self._slot_tokens(u)
+        self._layout[slot] = (window, offsets)
+        return [self.pool.submit(self._load_unit, u, buf, off) for u, off in zip(window, offsets)]
+
+    def window_order(self, epoch: int, w: int, slot: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Buffer positions of the window's valid tokens, permuted (or in order), and their ids."""
+        window, offsets = self._layout[slot]
+        per_image = self.sel.per_image
+        positions = np.concatenate([off + np.arange(u.n_rows * per_image) for u, off in zip(window, offsets)])
+        ids = None
+        if self.return_ids:
+            rows = np.concatenate([u.row_start + np.repeat(np.arange(u.n_rows), per_image) for u in window])
+            toks = np.concatenate([np.tile(self.token_index, u.n_rows) for u in window])
+            ids = np.stack([rows, toks], axis=1)
+        if self.shuffle:
+            perm = np.random.default_rng([self.seed, epoch, self.rank, self.world, w]).permutation(len(positions))
+            positions = positions[perm]
+            if ids is not None:
+                ids = ids[perm]
+        return positions, ids
+
+    # ------------------------------------------------------------------ one epoch
+    def iterate(self, epoch: int, plan: dict, start_window: int = 0, start_pos: int = 0, start_batch: int = 0):
+        """Yield (window, position, batch tensor, ids) for the epoch, from a given point."""
+        self._layout = [None, None]
+        windows = plan["windows"]
+        n_batches = plan["n_batches"]
+        if start_batch >= n_batches or not windows:
+            return
+        w, pos, slot = start_window, start_pos, 0
+        futures = self.start_window(windows[w], slot)
+        for f in futures:
+            f.result()
+        order, ids = self.window_order(epoch, w, slot)
+        next_futures = self.start_window(windows[w + 1], 1 - slot) if w + 1 < len(windows) else None
+        batch_i = start_batch
+        out_i = 0
+        while batch_i < n_batches:
+            out_np = self._out_numpy(out_i)
+            filled = 0
+            id_parts = []
+            while filled < self.batch_size:
+                if pos >= len(order):
+                    if next_futures is None:
+                        break
+                    for f in next_futures:
+                        f.result()
+                    w, slot, pos = w + 1, 1 - slot, 0
+                    order, ids = self.window_order(epoch, w, slot)
+                    next_futures = self.start_window(windows[w + 1], 1 - slot) if w + 1 < len(windows) else None
+                take = min(self.batch_size - filled, len(order) - pos)
+                np.take(self.buffers[slot], order[pos:pos + take], axis=0, out=out_np[filled:filled + take])
+                if ids is not None:
+                    id_parts.append(ids[pos:pos + take])
+                filled += take
+                pos += take
+            if filled == 0:
+                break
+            batch_i += 1
+            batch = self._to_device(out_i, filled)
+            out_i = (out_i + 1) % len(self.out)
+            yield w, pos, batch, (torch.from_numpy(np.concatenate(id_parts)) if id_parts else None)
+        if next_futures is not None:
+            for f in next_futures:
+                f.result()
+
+    def _out_numpy(self, i: int) -> np.ndarray:
+        if self.out_ready[i] is not None:
+            self.out_ready[i].synchronize()  # its previous copy to the device is done
+        t = self.out[i]
+        return t.numpy().view(self.pdtype)
+
+    def _to_device(self, i: int, n: int) -> torch.Tensor:
+        raw = self.out[i][:n].view(_STORAGE_VIEW[self.store.dtype])
+        if self.device.type == "cuda":
+            x = raw.to(self.device, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+            self.out_ready[i] = ev
+            x = x.to(torch.float32)
+        else:
+            x = raw.to(torch.float32)  # a fresh tensor: callers may keep every batch
+        x = self.normalizer.apply(x)
+        return x if self.out_dtype == torch.float32 else x.to(self.out_dtype)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
