@@ -78,11 +78,18 @@ class Engine:
         self.buffer_tokens = max(int(buffer_tokens), self.unit_tokens)
         self.capacity = self.buffer_tokens + self.unit_tokens
         self.buffers = [np.empty((self.capacity, self.d), dtype=self.pdtype) for _ in range(2)]
+        for b in self.buffers:
+            b.fill(0)  # fault the pages in now, not while the first windows load
+        # torch views of the same memory: index_select gathers rows ~6x faster than np.take here
+        self.buffer_views = [torch.from_numpy(b.view(np.int16) if b.dtype == np.uint16 else b) for b in self.buffers]
         self.pool = ThreadPoolExecutor(threads)
         self._local = threading.local()
         pin = self.device.type == "cuda" and torch.cuda.is_available()
         self.out = [torch.empty((batch_size, self.d), dtype=_RAW_TORCH[store.dtype], pin_memory=pin) for _ in range(3)]
         self.out_ready = [None, None, None]
+        # on the CPU, a batch wanted in the storage dtype is gathered straight into a fresh tensor
+        self.fresh_native = (self.device.type != "cuda" and normalizer.mode == "none"
+                             and TORCH_DTYPES[dtype] == _STORAGE_VIEW[store.dtype])
         self.token_index = sel.token_index()
 
     # ------------------------------------------------------------------ the plan
@@ -182,8 +189,9 @@ class Engine:
         next_futures = self.start_window(windows[w + 1], 1 - slot) if w + 1 < len(windows) else None
         batch_i = start_batch
         out_i = 0
+        order_t = torch.from_numpy(order)
         while batch_i < n_batches:
-            out_np = self._out_numpy(out_i)
+            out_t = self._out_tensor(out_i)
             filled = 0
             id_parts = []
             while filled < self.batch_size:
@@ -194,9 +202,11 @@ class Engine:
                         f.result()
                     w, slot, pos = w + 1, 1 - slot, 0
                     order, ids = self.window_order(epoch, w, slot)
+                    order_t = torch.from_numpy(order)
                     next_futures = self.start_window(windows[w + 1], 1 - slot) if w + 1 < len(windows) else None
                 take = min(self.batch_size - filled, len(order) - pos)
-                np.take(self.buffers[slot], order[pos:pos + take], axis=0, out=out_np[filled:filled + take])
+                torch.index_select(self.buffer_views[slot], 0, order_t[pos:pos + take],
+                                   out=out_t[filled:filled + take])
                 if ids is not None:
                     id_parts.append(ids[pos:pos + take])
                 filled += take
@@ -204,21 +214,24 @@ class Engine:
             if filled == 0:
                 break
             batch_i += 1
-            batch = self._to_device(out_i, filled)
+            batch = self._to_device(out_t, out_i, filled)
             out_i = (out_i + 1) % len(self.out)
             yield w, pos, batch, (torch.from_numpy(np.concatenate(id_parts)) if id_parts else None)
         if next_futures is not None:
             for f in next_futures:
                 f.result()
 
-    def _out_numpy(self, i: int) -> np.ndarray:
+    def _out_tensor(self, i: int) -> torch.Tensor:
+        if self.fresh_native:
+            return torch.empty_like(self.out[i])
         if self.out_ready[i] is not None:
             self.out_ready[i].synchronize()  # its previous copy to the device is done
-        t = self.out[i]
-        return t.numpy().view(self.pdtype)
+        return self.out[i]
 
-    def _to_device(self, i: int, n: int) -> torch.Tensor:
-        raw = self.out[i][:n].view(_STORAGE_VIEW[self.store.dtype])
+    def _to_device(self, out_t: torch.Tensor, i: int, n: int) -> torch.Tensor:
+        raw = out_t[:n].view(_STORAGE_VIEW[self.store.dtype])
+        if self.fresh_native:
+            return raw
         if self.device.type == "cuda":
             x = raw.to(self.device, non_blocking=True)
             ev = torch.cuda.Event()
