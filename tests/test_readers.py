@@ -186,3 +186,28 @@ def test_normalisations_use_the_store_statistics_and_invert(store, mode, tokens)
     from activation_store.readers import Normalizer
 
     torch.testing.assert_close(Normalizer.from_state_dict(state).apply(x), y)
+
+
+def _distributed_worker(rank, world, init_file, store_url, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    reader = ShuffledReader(store_url, "resid_2", batch_size=8, buffer_tokens=60, seed=2, return_ids=True,
+                            drop_last=True)
+    ids = np.concatenate([i.numpy() for _, i in reader])
+    np.save(f"{out_dir}/rank{rank}.npy", ids)
+    dist.destroy_process_group()
+
+
+def test_rank_and_world_come_from_torch_distributed(store, tmp_path):
+    import torch.multiprocessing as tmp
+
+    tmp.start_processes(_distributed_worker, args=(2, str(tmp_path / "init"), store.url, str(tmp_path)), nprocs=2,
+                        start_method="fork")
+    a, b = (np.load(tmp_path / f"rank{r}.npy") for r in (0, 1))
+    ka, kb = set((a[:, 0] * 1000 + a[:, 1]).tolist()), set((b[:, 0] * 1000 + b[:, 1]).tolist())
+    assert not ka & kb and len(a) == len(b)
+    for r, got in ((0, a), (1, b)):  # the same as naming rank and world size explicitly
+        want = drain(ShuffledReader(store, "resid_2", batch_size=8, buffer_tokens=60, seed=2, return_ids=True,
+                                    drop_last=True, rank=r, world_size=2))[1]
+        np.testing.assert_array_equal(got, want)
