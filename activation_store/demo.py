@@ -43,5 +43,14 @@ def run_demo(out: str, model: str = DEFAULT_MODEL, pretrained: str = DEFAULT_PRE
     print(format_info(summary))
     problems = verify(store, progress=False)
     print(f"\nverify: {'OK' if not problems else problems}")
+    from activation_store import ShuffledReader
+
+    reader = ShuffledReader(store, "resid_22", batch_size=512, seed=0, normalize="unit_mean_sq_norm", return_ids=True)
+    batches = list(reader)
+    tokens = sum(len(x) for x, _ in batches)
+    x, ids = batches[0]
+    print(f"\nread back shuffled: {tokens:,} resid_22 tokens in {len(batches)} batches; the first batch mixes "
+          f"{len(set(ids[:, 0].tolist()))} images; E||x||^2 after unit_mean_sq_norm = "
+          f"{float((x ** 2).sum(1).mean()):.0f} (d_model {store.d_model})")
     print(f"\nwritten to {out_dir}/: store.zarr, harvest-report.json, store-info.json")
     return 0 if not problems else 1
