@@ -1,0 +1,116 @@
+"""The TopK SAE, CLIP-Scope checkpoints and the metrics, against straightforward re-computations."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from activation_store.sae import CheckpointError, TopKSAE, load_clipscope
+from activation_store.sae import metrics
+
+
+def test_sparse_decode_equals_dense_decode():
+    torch.manual_seed(0)
+    sae = TopKSAE(24, 96, 5, seed=1)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_()
+    x = torch.randn(33, 24)
+    values, indices, _ = sae.encode_topk(x)
+    torch.testing.assert_close(sae.decode_sparse(values, indices), sae.decode(sae.encode(x)))
+    assert (sae.encode(x) != 0).sum(1).max() <= 5
+
+
+def make_clipscope_checkpoint(path, d=16, n=64, k=4, seed=0):
+    """A checkpoint laid out as CLIP-Scope's, with their initialisation."""
+    g = torch.Generator().manual_seed(seed)
+    enc = torch.randn(d, n, generator=g) / math.sqrt(2) / math.sqrt(d)
+    state = {"pre_b": torch.randn(d, generator=g) * 0.01, "enc": enc, "dec": enc.T.clone() + 0.01 * torch.randn(n, d, generator=g)}
+    torch.save({"model_state_dict": state, "k": k, "n_features": n, "d_in": d, "token_count": 1200013184,
+                "dead_latents": torch.zeros(n), "n_iter": 10, "log_id": "abc"}, path)
+    return state
+
+
+def clipscope_forward(state, k, x):
+    """CLIP-Scope's forward, written out: no encoder bias, top-k without ReLU, dense decode."""
+    pre = (x - state["pre_b"]) @ state["enc"]
+    vals, idx = pre.topk(k, dim=-1)
+    latent = torch.zeros_like(pre).scatter(-1, idx, vals)
+    return latent, latent @ state["dec"] + state["pre_b"]
+
+
+def test_clipscope_checkpoint_loads_and_reproduces_its_forward(tmp_path):
+    path = tmp_path / "22_resid" / "1200013184.pt"
+    path.parent.mkdir()
+    state = make_clipscope_checkpoint(path, k=40)
+    sae = load_clipscope(path)
+    x = torch.randn(20, 16)
+    want_latent, want_recon = clipscope_forward(state, 40, x)
+    out = sae.forward_verbose(x)
+    torch.testing.assert_close(out["latent"], want_latent)
+    torch.testing.assert_close(out["reconstruction"], want_recon, rtol=1e-5, atol=1e-6)
+    assert (out["latent"] < 0).any()  # CLIP-Scope keeps negative top-k values
+    for key in ("latent", "reconstruction", "active_latents", "experts_chosen", "expert_prop", "expert_weighting"):
+        assert key in out
+    torch.testing.assert_close(out["active_latents"], want_latent.max(0).values > 1e-3)
+    assert sae.clipscope_meta["token_count"] == 1200013184
+
+
+def test_bad_checkpoints_raise_our_error(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_clipscope(tmp_path / "nope.pt")
+    torch.save({"model_state_dict": {"W": torch.zeros(2)}}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a CLIP-Scope checkpoint"):
+        load_clipscope(tmp_path / "other.pt")
+
+
+def test_metrics_equal_their_formulas_by_hand():
+    x = torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 4.0]])
+    x_hat = torch.tensor([[1.0, 1.0, 3.0], [1.0, -1.0, 2.0]])
+    # token 0: error 1, variance around its own feature mean (2): 1 + 0 + 1 = 2
+    # token 1: error 1 + 4 = 5, feature mean 1: 1 + 4 + 9 = 14
+    assert float(metrics.mse(x, x_hat)) == pytest.approx((1 + 5) / 2)
+    assert float(metrics.explained_variance(x, x_hat)) == pytest.approx(((1 - 1 / 2) + (1 - 5 / 14)) / 2)
+    # NMSE: batch mean vector (0.5, 0.5, 3.5); total squared deviation 0.25+2.25+0.25 + 0.25+2.25+0.25 = 5.5
+    assert float(metrics.nmse(x, x_hat)) == pytest.approx(((1 + 5) / 2) / (5.5 / 2))
+    latent = torch.tensor([[0.0, 2.0, -1.0, 3.0], [0.5, 0.0, 0.0, 0.0]])
+    assert float(metrics.l0(latent)) == pytest.approx((2 + 1) / 2)
+    tw = metrics.tokenwise_mse(x, x_hat, torch.tensor([0, 2]), 3)
+    assert tw[0] == 1 and math.isnan(tw[1]) and tw[2] == 5
+    cls = torch.zeros(30, 4)
+    cls[:10, 0] = 1.0  # latent 0 fires on 10 images, latent 1 on 9
+    cls[:9, 1] = 1.0
+    cls[:, 2] = -1.0
+    assert metrics.active_feature_proportion(cls, first=4, min_images=10) == pytest.approx(1 / 4)
+
+
+def test_dead_latents_over_a_token_window():
+    dead = metrics.DeadLatents(4, window=100)
+    dead.update(torch.tensor([[0, 1]]), torch.tensor([[1.0, 0.0]]), 60)  # latent 1 "fires" with 0: not active
+    assert dead.proportion() == 0
+    dead.update(torch.tensor([[2]]), torch.tensor([[0.5]]), 60)
+    assert dead.dead.tolist() == [False, True, False, True]  # latent 0 fired 60 tokens ago
+    dead.update(torch.tensor([[1]]), torch.tensor([[2.0]]), 50)
+    assert dead.dead.tolist() == [True, False, False, True] and dead.proportion() == 0.5
+
+
+def test_decoder_rows_stay_unit_norm_and_gradients_lose_their_parallel_part():
+    torch.manual_seed(0)
+    sae = TopKSAE(8, 32, 3, seed=0)
+    x = torch.randn(50, 8)
+    (sae(x) - x).pow(2).sum().backward()
+    sae.remove_parallel_gradient_()
+    parallel = (sae.W_dec.grad * sae.W_dec).sum(1)
+    assert parallel.abs().max() < 1e-5 * sae.W_dec.grad.norm(dim=1).max() + 1e-6
+    with torch.no_grad():
+        sae.W_dec.mul_(3.0)
+    sae.normalize_decoder_()
+    np.testing.assert_allclose(sae.W_dec.norm(dim=1).detach().numpy(), 1.0, rtol=1e-5)
+
+
+def test_b_dec_starts_at_the_geometric_median():
+    sae = TopKSAE(2, 8, 1)
+    pts = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [100.0, 100.0]])
+    sae.init_b_dec_(pts, iterations=500)
+    assert float(sae.b_dec.detach().norm()) < 1.0  # the mean would be ~(25, 25); the median ignores the outlier
