@@ -88,6 +88,26 @@ def cmd_harvest(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from activation_store.sae.trainer import TrainerConfig, train
+
+    cfg = TrainerConfig(
+        store=args.store, location=args.location, out=args.out, tokens=args.tokens if args.tokens in ("all", "cls", "patches")
+        else [int(t) for t in args.tokens.split(",")], n_latents=args.latents, k=args.k, batch_size=args.batch_size,
+        total_tokens=args.total_tokens, lr=args.lr, warmup_tokens=args.warmup_tokens, auxk_coef=args.auxk_coef,
+        dead_tokens=args.dead_tokens, checkpoint_every_tokens=args.checkpoint_every, normalize=args.normalize,
+        seed=args.seed, device=args.device, buffer_tokens=args.buffer_tokens, wandb=args.wandb,
+        storage_options=_storage_options(args) or {},
+    )
+    result = train(cfg)
+    last = result["last"]
+    print(f"trained {result['tokens']:,} tokens in {result['steps']:,} steps"
+          + (f" (resumed from {result['resumed_from']})" if result["resumed_from"] else "")
+          + (f": mse {last['mse']:.4g}, explained variance {last['explained_variance']:.3f}, L0 {last['l0']:.1f}, "
+             f"dead {last['dead_proportion']:.4f}" if last else "") + f"; checkpoint {result['checkpoint']}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from activation_store.demo import run_demo
 
@@ -157,6 +177,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// stores and shards")
     p.add_argument("--storage-options", metavar="JSON", help="fsspec options for remote stores and shards")
     p.set_defaults(func=cmd_harvest)
+
+    p = sub.add_parser("train", help="train a TopK SAE on one location of a store (resumable)",
+                       description="Train a TopK SAE (OpenAI's recipe: AuxK, unit-norm decoder, Adam with warm-up "
+                       "and decay) on shuffled tokens of one location. Checkpoints every --checkpoint-every tokens; "
+                       "rerunning the same command resumes from the newest checkpoint.")
+    _add_store_args(p)
+    p.add_argument("--location", required=True, help="e.g. resid_22")
+    p.add_argument("--out", required=True, help="run folder: checkpoints/, metrics.jsonl")
+    p.add_argument("--tokens", default="all", help="all, cls, patches, or token indices 0,5,9 (default all)")
+    p.add_argument("--latents", type=int, default=65536, help="number of latents (default 65536)")
+    p.add_argument("--k", type=int, default=32, help="active latents per token (default 32)")
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--total-tokens", type=int, default=1_200_000_000)
+    p.add_argument("--lr", type=float, default=None, help="default 2e-4 / sqrt(latents / 2^14)")
+    p.add_argument("--warmup-tokens", type=int, default=10_000_000)
+    p.add_argument("--auxk-coef", type=float, default=1 / 32)
+    p.add_argument("--dead-tokens", type=int, default=10_000_000, help="silent this long = dead (default 10M)")
+    p.add_argument("--checkpoint-every", type=int, default=100_000_000, help="tokens between checkpoints")
+    p.add_argument("--normalize", default="unit_mean_sq_norm", choices=["none", "standardize", "unit_mean_sq_norm"])
+    p.add_argument("--buffer-tokens", type=int, default=2**19)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="the README's demo: bundled photos -> harvest -> store -> info and verify",
                        description="Harvest the bundled CC0 photos with ViT-L-14 (random weights when the "

@@ -1,0 +1,203 @@
+"""Training a TopKSAE on a store: the OpenAI recipe (Adam, warm-up then linear decay, AuxK for dead
+latents, unit-norm decoder), with checkpoints that resume exactly.
+
+A checkpoint (`OUT/checkpoints/<tokens>/`) holds the weights (safetensors), the optimiser, the
+dead-latent counters, the step, the reader's state and the normalisation. It is written to a
+temporary folder and renamed, so a killed run never leaves a half checkpoint; rerunning the same
+command continues from the newest one and, on the CPU, ends with the same weights as a run that
+was never interrupted."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from activation_store.errors import ConfigError
+from activation_store.readers import ShuffledReader
+from activation_store.sae import metrics
+from activation_store.sae.model import TopKSAE
+from activation_store.store import open_store
+
+
+@dataclass
+class TrainerConfig:
+    store: str
+    location: str
+    out: str
+    tokens: object = "all"
+    n_latents: int = 65536
+    k: int = 32
+    relu: bool = True
+    batch_size: int = 4096
+    total_tokens: int = 1_200_000_000
+    lr: float | None = None  # None: 2e-4 / sqrt(n_latents / 2**14) (scales with latent count)
+    warmup_tokens: int = 10_000_000
+    decay_start: float = 0.8  # linear decay to 0 over the last 20% of training
+    auxk_coef: float = 1 / 32
+    k_aux: int | None = None  # None: d_in // 2
+    dead_tokens: int = 10_000_000  # a latent silent this long is dead (AuxK and the metric)
+    checkpoint_every_tokens: int = 100_000_000
+    log_every_steps: int = 50
+    normalize: str = "unit_mean_sq_norm"
+    seed: int = 0
+    device: str = "cpu"
+    buffer_tokens: int = 2**19
+    threads: int = 4
+    wandb: bool = False
+    storage_options: dict = field(default_factory=dict)
+
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.n_latents / 2**14)
+
+
+def lr_at(cfg: TrainerConfig, tokens: int) -> float:
+    base = cfg.learning_rate()
+    if cfg.warmup_tokens and tokens < cfg.warmup_tokens:
+        return base * (tokens + cfg.batch_size) / cfg.warmup_tokens
+    start = cfg.decay_start * cfg.total_tokens
+    if tokens >= start and cfg.decay_start < 1:
+        return base * max(0.0, (cfg.total_tokens - tokens) / (cfg.total_tokens - start))
+    return base
+
+
+def auxk_loss(sae: TopKSAE, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor,
+              k_aux: int) -> torch.Tensor:
+    """Reconstruct the residual x - x^ from the top-k_aux pre-activations of dead latents."""
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return x.new_zeros(())
+    masked = pre.masked_fill(~dead, float("-inf"))
+    values, indices = masked.topk(min(k_aux, n_dead), dim=-1, sorted=False)
+    values = F.relu(values) if sae.cfg.relu else values
+    residual = (x - x_hat).detach()
+    recon = F.embedding_bag(indices, sae.W_dec, per_sample_weights=values, mode="sum")
+    return metrics.mse(residual, recon)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainerConfig) -> None:
+        self.cfg = cfg
+        torch.manual_seed(cfg.seed)
+        self.store = open_store(cfg.store, cfg.storage_options or None)
+        self.reader = ShuffledReader(self.store, cfg.location, tokens=cfg.tokens, batch_size=cfg.batch_size,
+                                     buffer_tokens=cfg.buffer_tokens, seed=cfg.seed, epochs=None, device=cfg.device,
+                                     normalize=cfg.normalize, drop_last=True, threads=cfg.threads)
+        d = self.store.d_model
+        self.sae = TopKSAE(d, cfg.n_latents, cfg.k, relu=cfg.relu, seed=cfg.seed).to(cfg.device)
+        self.k_aux = cfg.k_aux or d // 2
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.learning_rate())
+        self.dead = metrics.DeadLatents(cfg.n_latents, cfg.dead_tokens, device=cfg.device)
+        self.step, self.tokens = 0, 0
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.resumed_from = self._resume()
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoints(self) -> list[Path]:
+        root = self.out / "checkpoints"
+        return sorted(p for p in root.glob("[0-9]*") if (p / "trainer.pt").exists()) if root.exists() else []
+
+    def save_checkpoint(self) -> Path:
+        root = self.out / "checkpoints"
+        final = root / f"{self.tokens:013d}"
+        tmp = root / f".tmp-{self.tokens:013d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.sae.state_dict().items()}, str(tmp / "sae.safetensors"))
+        torch.save({"optimizer": self.opt.state_dict(), "dead": self.dead.state_dict(), "step": self.step,
+                    "tokens": self.tokens, "reader": self.reader.state_dict(),
+                    "normalizer": self.reader.normalizer.state_dict()}, tmp / "trainer.pt")
+        (tmp / "config.json").write_text(json.dumps({"sae": self.sae.config_dict(), "trainer": asdict(self.cfg) | {
+            "storage_options": sorted(self.cfg.storage_options)}, "location": self.cfg.location,
+            "store": self.store.url, "normalizer": {k: v for k, v in self.reader.normalizer.state_dict().items()
+                                                    if k in ("mode", "source")}}, indent=2, default=str))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return final
+
+    def _resume(self) -> Path | None:
+        found = self.checkpoints()
+        if not found:
+            return None
+        path = found[-1]
+        self.sae.load_state_dict(load_file(str(path / "sae.safetensors"), device=str(self.cfg.device)))
+        state = torch.load(path / "trainer.pt", map_location=self.cfg.device, weights_only=True)
+        self.opt.load_state_dict(state["optimizer"])
+        self.dead.load_state_dict(state["dead"])
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.reader.load_state_dict(state["reader"])
+        return path
+
+    # ------------------------------------------------------------------ training
+    def train(self) -> dict:
+        cfg = self.cfg
+        it = iter(self.reader)
+        log = open(self.out / "metrics.jsonl", "a")
+        progress = tqdm(total=cfg.total_tokens, initial=self.tokens, unit="tok", unit_scale=True, desc="train")
+        next_ckpt = (self.tokens // cfg.checkpoint_every_tokens + 1) * cfg.checkpoint_every_tokens
+        wandb = _wandb(cfg) if cfg.wandb else None
+        t0 = time.perf_counter()
+        last = {}
+        while self.tokens < cfg.total_tokens:
+            x = next(it)
+            if self.step == 0 and self.resumed_from is None:
+                self.sae.init_b_dec_(x)
+            for group in self.opt.param_groups:
+                group["lr"] = lr_at(cfg, self.tokens)
+            values, indices, pre = self.sae.encode_topk(x)
+            x_hat = self.sae.decode_sparse(values, indices)
+            loss_main = metrics.mse(x, x_hat)
+            aux = auxk_loss(self.sae, x, x_hat, pre, self.dead.dead, self.k_aux) if cfg.auxk_coef else x.new_zeros(())
+            loss = loss_main + cfg.auxk_coef * aux
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.sae.remove_parallel_gradient_()
+            self.opt.step()
+            self.sae.normalize_decoder_()
+            self.dead.update(indices, values.detach(), x.shape[0])
+            self.step += 1
+            self.tokens += x.shape[0]
+            progress.update(x.shape[0])
+            if self.step % cfg.log_every_steps == 0 or self.tokens >= cfg.total_tokens:
+                with torch.no_grad():
+                    last = {"step": self.step, "tokens": self.tokens, "loss": float(loss), "mse": float(loss_main),
+                            "auxk": float(aux), "explained_variance": float(metrics.explained_variance(x, x_hat)),
+                            "nmse": float(metrics.nmse(x, x_hat)), "l0": float((values > 0).sum(-1).float().mean()),
+                            "dead_proportion": self.dead.proportion(), "lr": self.opt.param_groups[0]["lr"],
+                            "tokens_per_s": (self.tokens - (progress.initial or 0)) / (time.perf_counter() - t0)}
+                log.write(json.dumps(last) + "\n")
+                log.flush()
+                if wandb is not None:
+                    wandb.log(last, step=self.step)
+            if self.tokens >= next_ckpt:
+                self.save_checkpoint()
+                next_ckpt += cfg.checkpoint_every_tokens
+        final = self.save_checkpoint()
+        progress.close()
+        log.close()
+        self.reader.close()
+        return {"checkpoint": str(final), "steps": self.step, "tokens": self.tokens, "last": last,
+                "resumed_from": str(self.resumed_from) if self.resumed_from else None}
+
+
+def _wandb(cfg: TrainerConfig):
+    try:
+        import wandb
+    except ImportError as exc:
+        raise ConfigError("--wandb needs the wandb package: pip install wandb") from exc
+    wandb.init(project="activation-store", config=asdict(cfg))
+    return wandb
+
+
+def train(cfg: TrainerConfig) -> dict:
+    return Trainer(cfg).train()
