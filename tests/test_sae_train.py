@@ -1,0 +1,79 @@
+"""The trainer: it recovers a planted dictionary, and a SIGKILLed run resumes to the very same weights."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from activation_store.sae.trainer import TrainerConfig, train
+from activation_store.store import ActivationStore, ImageRecord, StoreConfig
+
+
+def planted_store(path, n_samples=32768, d=64, n_features=512, k=4, tokens=16, seed=0):
+    """Samples that are sums of k of n_features random unit vectors (coefficients 0.5-1.5), plus
+    a little noise, stored as images of `tokens` tokens."""
+    rng = np.random.default_rng(seed)
+    feats = rng.standard_normal((n_features, d))
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    idx = np.argsort(rng.random((n_samples, n_features)), axis=1)[:, :k]
+    x = np.einsum("nk,nkd->nd", rng.uniform(0.5, 1.5, (n_samples, k)), feats[idx])
+    x += 0.01 * rng.standard_normal((n_samples, d))
+    store = ActivationStore.create(str(path), locations="resid_0", n_tokens=tokens, d_model=d,
+                                   config=StoreConfig(dtype="fp32", chunk_images=64, region_images=256))
+    images = n_samples // tokens
+    store.plan_shards([("planted", images)])
+    with store.writer("planted") as w:
+        w.add({"resid_0": x.reshape(images, tokens, d).astype(np.float32)}, [ImageRecord(str(i)) for i in range(images)])
+    return feats
+
+
+def test_trainer_recovers_a_planted_dictionary(tmp_path):
+    feats = planted_store(tmp_path / "s")
+    cfg = TrainerConfig(store=str(tmp_path / "s"), location="resid_0", out=str(tmp_path / "run"), n_latents=512, k=4,
+                        batch_size=256, total_tokens=600_000, lr=4e-3, warmup_tokens=5000, normalize="none",
+                        dead_tokens=20_000, checkpoint_every_tokens=10**9, buffer_tokens=8192, threads=2)
+    result = train(cfg)
+    w = load_file(os.path.join(result["checkpoint"], "sae.safetensors"))["W_dec"].numpy()
+    w /= np.linalg.norm(w, axis=1, keepdims=True)
+    assert (feats @ w.T).max(axis=1).mean() >= 0.95
+    assert result["last"]["l0"] == 4
+    lines = open(tmp_path / "run" / "metrics.jsonl").read().splitlines()
+    assert len(lines) >= 40 and "explained_variance" in lines[-1]
+
+
+def _train_cmd(store, out):
+    return [sys.executable, "-m", "activation_store.cli", "train", str(store), "--location", "resid_0",
+            "--out", str(out), "--latents", "256", "--k", "4", "--batch-size", "128", "--total-tokens", "120000",
+            "--lr", "2e-3", "--warmup-tokens", "2000", "--dead-tokens", "5000", "--checkpoint-every", "16000",
+            "--normalize", "standardize", "--buffer-tokens", "4096"]
+
+
+def test_sigkill_mid_training_then_rerun_gives_the_uninterrupted_weights(tmp_path):
+    planted_store(tmp_path / "s", n_samples=16384, d=32, n_features=128)
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    subprocess.run(_train_cmd(tmp_path / "s", tmp_path / "ref"), check=True, capture_output=True, env=env)
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(tmp_path / "s", out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = list((out / "checkpoints").glob("[0-9]*")) if (out / "checkpoints").exists() else []
+        if len(done) >= 2:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    rerun = subprocess.run(_train_cmd(tmp_path / "s", out), capture_output=True, text=True, env=env)
+    assert rerun.returncode == 0 and "resumed from" in rerun.stdout
+    final = sorted((out / "checkpoints").glob("[0-9]*"))[-1]
+    want = sorted((tmp_path / "ref" / "checkpoints").glob("[0-9]*"))[-1]
+    assert final.name == want.name
+    got, ref = load_file(str(final / "sae.safetensors")), load_file(str(want / "sae.safetensors"))
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], rtol=0, atol=0)
