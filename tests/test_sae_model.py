@@ -114,3 +114,28 @@ def test_b_dec_starts_at_the_geometric_median():
     pts = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [100.0, 100.0]])
     sae.init_b_dec_(pts, iterations=500)
     assert float(sae.b_dec.detach().norm()) < 1.0  # the mean would be ~(25, 25); the median ignores the outlier
+
+
+def test_folding_the_normaliser_and_saelens_export_round_trip(tmp_path):
+    from activation_store.readers import Normalizer
+    from activation_store.sae.io import export_saelens, fold_normalizer, load_sae
+    from activation_store.store.stats import Moments
+
+    torch.manual_seed(0)
+    sae = TopKSAE(12, 48, 3, seed=2)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_()
+    x = torch.randn(40, 12) * 3 + 1
+    moments = Moments.of(x.double().numpy())
+    for mode in ("standardize", "unit_mean_sq_norm"):
+        norm = Normalizer.from_moments(mode, moments)
+        want = norm.inverse(sae(norm.apply(x)))
+        torch.testing.assert_close(fold_normalizer(sae, norm)(x), want, rtol=1e-4, atol=1e-4)
+        folder = export_saelens(sae, tmp_path / mode, norm, hook_name="resid_22")
+        cfg = __import__("json").loads((folder / "cfg.json").read_text())
+        assert cfg["d_in"] == 12 and cfg["d_sae"] == 48 and cfg["k"] == 3 and cfg["normalize_activations"] == "none"
+        torch.testing.assert_close(load_sae(folder)(x), want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(TopKSAE.from_pretrained(str(folder))(x), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(CheckpointError, match="repo_id"):
+        TopKSAE.from_pretrained("22_resid/1200013184.pt")

@@ -42,6 +42,10 @@ def test_trainer_recovers_a_planted_dictionary(tmp_path):
     w /= np.linalg.norm(w, axis=1, keepdims=True)
     assert (feats @ w.T).max(axis=1).mean() >= 0.95
     assert result["last"]["l0"] == 4
+    from activation_store.sae.io import load_sae
+
+    torch.testing.assert_close(load_sae(result["checkpoint"]).W_dec.detach(),
+                               load_file(os.path.join(result["checkpoint"], "sae.safetensors"))["W_dec"])
     lines = open(tmp_path / "run" / "metrics.jsonl").read().splitlines()
     assert len(lines) >= 40 and "explained_variance" in lines[-1]
 

@@ -134,3 +134,11 @@ class TopKSAE(nn.Module):
 
     def config_dict(self) -> dict:
         return asdict(self.cfg)
+
+    @classmethod
+    def from_pretrained(cls, checkpoint: str, repo_id: str | None = None, device: str = "cpu") -> TopKSAE:
+        """From our checkpoint folder, a SAELens folder, a CLIP-Scope .pt, or a file of a Hugging
+        Face repo (`repo_id`)."""
+        from activation_store.sae.io import from_pretrained
+
+        return from_pretrained(checkpoint, repo_id, device)

@@ -72,7 +72,8 @@ def lr_at(cfg: TrainerConfig, tokens: int) -> float:
 
 def auxk_loss(sae: TopKSAE, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor,
               k_aux: int) -> torch.Tensor:
-    """Reconstruct the residual x - x^ from the top-k_aux pre-activations of dead latents."""
+    """Reconstruct the residual x - x^ from the top-k_aux pre-activations of dead latents, as a
+    normalised MSE (Gao et al.), scaled down while fewer than k_aux latents are dead."""
     n_dead = int(dead.sum())
     if n_dead == 0:
         return x.new_zeros(())
@@ -81,7 +82,8 @@ def auxk_loss(sae: TopKSAE, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Ten
     values = F.relu(values) if sae.cfg.relu else values
     residual = (x - x_hat).detach()
     recon = F.embedding_bag(indices, sae.W_dec, per_sample_weights=values, mode="sum")
-    return metrics.mse(residual, recon)
+    scale = min(n_dead / k_aux, 1.0)
+    return scale * metrics.nmse(residual, recon)
 
 
 class Trainer:
