@@ -108,6 +108,18 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from activation_store.sae.evaluate import EvalConfig, evaluate
+
+    result = evaluate(EvalConfig(sae=args.sae, store=args.store, out=args.out, max_tokens=args.max_tokens,
+                                 batch_size=args.batch_size, device=args.device,
+                                 storage_options=_storage_options(args)))
+    print(f"{result['location']}: mse {result['mse']:.4g}, explained variance {result['explained_variance']:.3f}, "
+          f"nmse {result['nmse']:.3f}, L0 {result['l0']:.1f} on {result['eval_images']} held-out images; "
+          f"report {args.out}/report.html")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from activation_store.demo import run_demo
 
@@ -201,6 +213,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate an SAE checkpoint on held-out images: metrics, plots, image grids, HTML",
+                       description="Evaluate a checkpoint written by `actstore train` on the images held out of "
+                       "training (split by image): CLIP-Scope's metrics (docs/metrics.md), a token-wise MSE heatmap, "
+                       "training curves, top-9 image grids per latent, and OUT/report.html.")
+    p.add_argument("sae", help="checkpoint folder (RUN/checkpoints/<tokens>)")
+    p.add_argument("store", nargs="?", help="store (default: the one the SAE was trained on)")
+    p.add_argument("--out", default="eval", help="output folder (default eval)")
+    p.add_argument("--max-tokens", type=int, default=2_000_000)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// stores")
+    p.add_argument("--storage-options", metavar="JSON", help="fsspec options for remote stores")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="the README's demo: bundled photos -> harvest -> store -> info and verify",
                        description="Harvest the bundled CC0 photos with ViT-L-14 (random weights when the "

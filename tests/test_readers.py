@@ -211,3 +211,12 @@ def test_rank_and_world_come_from_torch_distributed(store, tmp_path):
         want = drain(ShuffledReader(store, "resid_2", batch_size=8, buffer_tokens=60, seed=2, return_ids=True,
                                     drop_last=True, rank=r, world_size=2))[1]
         np.testing.assert_array_equal(got, want)
+
+
+def test_train_and_eval_splits_are_by_image_disjoint_and_complete(store):
+    train = drain(ShuffledReader(store, "resid_2", batch_size=16, seed=0, return_ids=True, split="train", holdout=0.3))[1]
+    held = drain(OrderedReader(store, "resid_2", batch_size=16, split="eval", holdout=0.3))[1]
+    train_rows, eval_rows = set(train[:, 0].tolist()), set(held[:, 0].tolist())
+    assert not train_rows & eval_rows and train_rows | eval_rows == set(store.test_rows.tolist())
+    assert 0 < len(eval_rows) < len(train_rows)
+    assert len(train) == 17 * len(train_rows) and len(held) == 17 * len(eval_rows)  # whole images on each side

@@ -57,7 +57,8 @@ class Engine:
 
     def __init__(self, store, location: str, sel: TokenSelection, *, batch_size: int, buffer_tokens: int,
                  seed: int, rank: int, world_size: int, shuffle: bool, drop_last: bool, dtype: str,
-                 device: str, normalizer: Normalizer, return_ids: bool, threads: int) -> None:
+                 device: str, normalizer: Normalizer, return_ids: bool, threads: int,
+                 split: tuple[str, float] | None = None) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if dtype not in TORCH_DTYPES:
@@ -67,6 +68,9 @@ class Engine:
         self.store, self.location, self.sel = store, location, sel
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world_size
         self.shuffle, self.drop_last, self.return_ids = shuffle, drop_last, return_ids
+        if split is not None and (split[0] not in ("train", "eval") or not 0 < split[1] < 1):
+            raise ConfigError(f"split must be ('train' or 'eval', holdout fraction in (0, 1)), got {split}")
+        self.split = split
         self.out_dtype = TORCH_DTYPES[dtype]
         self.device = torch.device(device)
         self.normalizer = normalizer
@@ -100,7 +104,8 @@ class Engine:
         else:
             order = np.arange(len(units))
         per_image = self.sel.per_image
-        rank_tokens = [sum(units[i].n_rows * per_image for i in order[r::self.world]) for r in range(self.world)]
+        counts = [self._rows_in_split(u) * per_image for u in units]
+        rank_tokens = [sum(counts[i] for i in order[r::self.world]) for r in range(self.world)]
         mine = order[self.rank::self.world]
         windows, current, used = [], [], 0
         for i in mine:
@@ -120,6 +125,19 @@ class Engine:
             n_batches = -(-total // self.batch_size)
         return {"windows": windows, "tokens": total, "n_batches": n_batches,
                 "yield_tokens": n_batches * self.batch_size if self.drop_last else total}
+
+    # ------------------------------------------------------------------ train / eval split
+    def _in_split(self, rows: np.ndarray) -> np.ndarray:
+        """Images (rows) in this reader's split: a fixed hash of the row puts a `holdout` fraction
+        of the images in 'eval' and the rest in 'train', so the split is by image, never by token."""
+        name, holdout = self.split
+        h = ((rows.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)).astype(np.float64) / 2**24
+        return (h < holdout) if name == "eval" else (h >= holdout)
+
+    def _rows_in_split(self, unit: Unit) -> int:
+        if self.split is None:
+            return unit.n_rows
+        return int(self._in_split(np.arange(unit.row_start, unit.row_start + unit.n_rows)).sum())
 
     # ------------------------------------------------------------------ loading a window
     def _slot_tokens(self, unit: Unit) -> int:
@@ -162,10 +180,15 @@ class Engine:
         per_image = self.sel.per_image
         positions = np.concatenate([off + np.arange(u.n_rows * per_image) for u, off in zip(window, offsets)])
         ids = None
-        if self.return_ids:
+        if self.return_ids or self.split is not None:
             rows = np.concatenate([u.row_start + np.repeat(np.arange(u.n_rows), per_image) for u in window])
             toks = np.concatenate([np.tile(self.token_index, u.n_rows) for u in window])
             ids = np.stack([rows, toks], axis=1)
+            if self.split is not None:
+                keep = self._in_split(rows)
+                positions, ids = positions[keep], ids[keep]
+            if not self.return_ids:
+                ids = None
         if self.shuffle:
             perm = np.random.default_rng([self.seed, epoch, self.rank, self.world, w]).permutation(len(positions))
             positions = positions[perm]

@@ -34,6 +34,8 @@ class ReaderConfig:
     return_ids: bool = False  # also yield (image_row, token_index) per vector
     threads: int = 4  # chunk fetch/decode threads
     shuffle: bool = True
+    split: str = "all"  # 'all', or 'train' / 'eval': images split by a fixed hash of their row
+    holdout: float = 0.05  # share of images in 'eval' when split is not 'all'
 
 
 def _rank_world(rank: int | None, world: int | None) -> tuple[int, int]:
@@ -67,7 +69,8 @@ class _Reader:
                              buffer_tokens=cfg.buffer_tokens, seed=cfg.seed, rank=self.rank,
                              world_size=self.world, shuffle=cfg.shuffle, drop_last=cfg.drop_last, dtype=cfg.dtype,
                              device=cfg.device, normalizer=self.normalizer, return_ids=cfg.return_ids,
-                             threads=cfg.threads)
+                             threads=cfg.threads,
+                             split=None if cfg.split == "all" else (cfg.split, cfg.holdout))
         # position: the next batch to yield
         self._epoch, self._window, self._pos, self._batch = 0, 0, 0, 0
         self._shards: list[int] | None = None  # committed shards this epoch reads (fixed per epoch)
@@ -109,7 +112,8 @@ class _Reader:
         if state.get("version") != STATE_VERSION:
             raise ConfigError(f"reader state version {state.get('version')} is not {STATE_VERSION}")
         mine = asdict(self.cfg) | {"tokens": self._tokens_json()}
-        for key in ("location", "tokens", "batch_size", "buffer_tokens", "seed", "shuffle", "drop_last"):
+        for key in ("location", "tokens", "batch_size", "buffer_tokens", "seed", "shuffle", "drop_last", "split",
+                    "holdout"):
             if state["config"][key] != mine[key]:
                 raise ConfigError(
                     f"reader state was saved with {key}={state['config'][key]!r}, this reader has {mine[key]!r}; "
@@ -137,9 +141,10 @@ class ShuffledReader(_Reader):
     def __init__(self, store, location, tokens="all", batch_size: int = 4096, buffer_tokens: int = 2**19,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, epochs: int | None = 1,
                  dtype: str = "float32", device: str = "cpu", normalize: str = "none", drop_last: bool = False,
-                 return_ids: bool = False, threads: int = 4, storage_options: dict | None = None) -> None:
+                 return_ids: bool = False, threads: int = 4, storage_options: dict | None = None,
+                 split: str = "all", holdout: float = 0.05) -> None:
         cfg = ReaderConfig(str(location), tokens, batch_size, buffer_tokens, seed, rank, world_size, epochs, dtype,
-                           device, normalize, drop_last, return_ids, threads, shuffle=True)
+                           device, normalize, drop_last, return_ids, threads, shuffle=True, split=split, holdout=holdout)
         super().__init__(store, cfg, storage_options)
 
 
@@ -150,7 +155,7 @@ class OrderedReader(_Reader):
     def __init__(self, store, location, tokens="all", batch_size: int = 4096, buffer_tokens: int = 2**19,
                  rank: int | None = None, world_size: int | None = None, dtype: str = "float32",
                  device: str = "cpu", normalize: str = "none", threads: int = 4,
-                 storage_options: dict | None = None) -> None:
+                 storage_options: dict | None = None, split: str = "all", holdout: float = 0.05) -> None:
         cfg = ReaderConfig(str(location), tokens, batch_size, buffer_tokens, 0, rank, world_size, 1, dtype, device,
-                           normalize, False, True, threads, shuffle=False)
+                           normalize, False, True, threads, shuffle=False, split=split, holdout=holdout)
         super().__init__(store, cfg, storage_options)

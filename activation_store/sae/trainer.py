@@ -49,6 +49,7 @@ class TrainerConfig:
     checkpoint_every_tokens: int = 100_000_000
     log_every_steps: int = 50
     normalize: str = "unit_mean_sq_norm"
+    holdout: float = 0.05  # share of images kept out of training for evaluation (split by image)
     seed: int = 0
     device: str = "cpu"
     buffer_tokens: int = 2**19
@@ -93,7 +94,8 @@ class Trainer:
         self.store = open_store(cfg.store, cfg.storage_options or None)
         self.reader = ShuffledReader(self.store, cfg.location, tokens=cfg.tokens, batch_size=cfg.batch_size,
                                      buffer_tokens=cfg.buffer_tokens, seed=cfg.seed, epochs=None, device=cfg.device,
-                                     normalize=cfg.normalize, drop_last=True, threads=cfg.threads)
+                                     normalize=cfg.normalize, drop_last=True, threads=cfg.threads,
+                                     split="train" if cfg.holdout else "all", holdout=cfg.holdout or 0.05)
         d = self.store.d_model
         self.sae = TopKSAE(d, cfg.n_latents, cfg.k, relu=cfg.relu, seed=cfg.seed).to(cfg.device)
         self.k_aux = cfg.k_aux or d // 2

@@ -1,0 +1,37 @@
+"""Train a small SAE on a harvested store, evaluate it on held-out images: metrics, figures, grids, HTML."""
+
+import json
+import re
+
+from activation_store.cli import main
+from activation_store.harvest.config import HarvestConfig
+from activation_store.harvest.model import ModelConfig
+from activation_store.harvest.run import harvest
+from harvest_helpers import TINY, make_images
+
+
+def test_train_then_eval_writes_metrics_figures_grids_and_a_report(tmp_path, capsys):
+    make_images(tmp_path / "imgs", 40)
+    cfg = HarvestConfig(out=str(tmp_path / "s"), images=str(tmp_path / "imgs"), layers=[3],
+                        model=ModelConfig(model=TINY, pretrained="none"), batch_size=8, workers=0, progress=False,
+                        report=str(tmp_path / "h.json"))
+    cfg.store.chunk_images, cfg.store.region_images = 4, 8
+    harvest(cfg)
+    run = tmp_path / "run"
+    assert main(["train", str(tmp_path / "s"), "--location", "resid_3", "--out", str(run), "--latents", "256",
+                 "--k", "8", "--batch-size", "256", "--total-tokens", "20000", "--lr", "1e-3", "--warmup-tokens",
+                 "1000", "--checkpoint-every", "10000", "--buffer-tokens", "2000"]) == 0
+    ckpt = sorted((run / "checkpoints").glob("[0-9]*"))[-1]
+    out = tmp_path / "eval"
+    assert main(["eval", str(ckpt), "--out", str(out), "--batch-size", "512"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("mse", "explained_variance", "nmse", "l0", "never_fired_proportion", "active_feature_proportion_cls"):
+        assert key in m
+    assert len(m["tokenwise_mse"]) == 257 and m["l0"] <= 8 and m["eval_images"] > 0
+    assert m["split"] == "eval"  # held-out images only
+    for png in ("tokenwise_mse.png", "training_curves.png"):
+        assert (out / png).stat().st_size > 1000
+    assert m["grids"] and all((out / g["file"]).exists() for g in m["grids"])
+    page = (out / "report.html").read_text()
+    for src in re.findall(r'src="([^"]+)"', page):
+        assert (out / src).exists(), src
