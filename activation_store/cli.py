@@ -104,7 +104,9 @@ def cmd_train(args) -> int:
     print(f"trained {result['tokens']:,} tokens in {result['steps']:,} steps"
           + (f" (resumed from {result['resumed_from']})" if result["resumed_from"] else "")
           + (f": mse {last['mse']:.4g}, explained variance {last['explained_variance']:.3f}, L0 {last['l0']:.1f}, "
-             f"dead {last['dead_proportion']:.4f}" if last else "") + f"; checkpoint {result['checkpoint']}")
+             f"dead {last['dead_proportion']:.4f}" if last else "") + f"; checkpoint {result['checkpoint']}"
+          + (f" [rank {result['rank']} of {result['world_size']}, ranks in sync: {result['ranks_in_sync']}]"
+             if result["world_size"] > 1 else ""))
     return 0
 
 

@@ -35,3 +35,20 @@ def test_train_then_eval_writes_metrics_figures_grids_and_a_report(tmp_path, cap
     page = (out / "report.html").read_text()
     for src in re.findall(r'src="([^"]+)"', page):
         assert (out / src).exists(), src
+
+    # sort-eval material, judged by callables instead of an LLM
+    from activation_store.sae.evaluate import EvalConfig, evaluate
+    from activation_store.sae.sort_eval import run_sort_eval
+
+    result = evaluate(EvalConfig(sae=str(ckpt), out=str(tmp_path / "sort"), top_n=2, query_candidates=2,
+                                 sort_eval_pairs=20, min_images=1))
+    folder = tmp_path / "sort" / "sort_eval"
+    pairs = json.loads((folder / "pairs.json").read_text())
+    assert result["sort_eval"]["pairs"] == len(pairs) > 0
+    for p in pairs:
+        assert all((folder / p[k]).exists() for k in ("grid_a", "grid_b", "query"))
+    answers = {folder / p["query"]: p["answer"] for p in pairs}
+    oracle = run_sort_eval(folder, lambda a, b, q: answers[q], subset=10, repeats=3)
+    assert oracle["accuracy_mean"] == 1.0 and oracle["pairs"] == len(pairs)
+    wrong = run_sort_eval(folder, lambda a, b, q: "B" if answers[q] == "A" else "A")
+    assert wrong["accuracy_mean"] == 0.0

@@ -1,5 +1,6 @@
 """The trainer: it recovers a planted dictionary, and a SIGKILLed run resumes to the very same weights."""
 
+import json
 import os
 import signal
 import subprocess
@@ -81,3 +82,22 @@ def test_sigkill_mid_training_then_rerun_gives_the_uninterrupted_weights(tmp_pat
     got, ref = load_file(str(final / "sae.safetensors")), load_file(str(want / "sae.safetensors"))
     for key in ref:
         torch.testing.assert_close(got[key], ref[key], rtol=0, atol=0)
+
+
+def test_torchrun_two_processes_train_in_sync(tmp_path):
+    import socket
+
+    planted_store(tmp_path / "s", n_samples=8192, d=32, n_features=128)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "activation_store.cli", *_train_cmd(tmp_path / "s", tmp_path / "ddp")[3:]]
+    cmd[cmd.index("--total-tokens") + 1] = "40000"
+    env = dict(os.environ, OMP_NUM_THREADS="1", NO_PROXY="127.0.0.1,localhost")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("ranks in sync: True") == 2
+    final = sorted((tmp_path / "ddp" / "checkpoints").glob("[0-9]*"))[-1]
+    assert (final / "reader_rank0.pt").exists() and (final / "reader_rank1.pt").exists()
+    assert json.loads((final / "config.json").read_text())["world_size"] == 2

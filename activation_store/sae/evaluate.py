@@ -36,6 +36,9 @@ class EvalConfig:
     grid_latents: int = 12  # latents shown as image grids (the first that fire on >= top_n images)
     first_latents: int = 2048  # CLIP-Scope's "active feature proportion" looks at these
     min_images: int = 10
+    query_candidates: int = 3  # images ranked after the top-n, kept as sort-eval query images
+    sort_eval_pairs: int = 0  # feature pairs of sort-eval material to write (0: none)
+    seed: int = 0
     device: str = "cpu"
     storage_options: dict | None = None
 
@@ -76,7 +79,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     tok_count = torch.zeros(t, dtype=torch.float64)
     fired = torch.zeros(n, dtype=torch.bool)
     cls_images = torch.zeros(n, dtype=torch.int64)
-    top_cls, top_patch = _TopImages(n, cfg.top_n), _TopImages(n, cfg.top_n)
+    top_cls, top_patch = _TopImages(n, cfg.top_n + cfg.query_candidates), _TopImages(n, cfg.top_n)
     progress = tqdm(total=cfg.max_tokens, unit="tok", unit_scale=True, desc="eval")
     with torch.no_grad():
         for x_raw, ids in reader:
@@ -136,13 +139,18 @@ def evaluate(cfg: EvalConfig) -> dict:
     images = _ImageFetcher(store)
     for latent_id in shown:
         for name, top in (("cls", top_cls), (f"patch{cfg.patch_position}", top_patch)):
-            rows = [int(r) for r, v in zip(top.rows[:, latent_id], top.values[:, latent_id]) if r >= 0 and v > 0]
+            rows = [int(r) for r, v in zip(top.rows[:cfg.top_n, latent_id], top.values[:cfg.top_n, latent_id])
+                    if r >= 0 and v > 0]
             if rows:
                 path = out / "grids" / f"latent{latent_id:05d}_{name}.png"
-                _grid_png([images.get(r) for r in rows], path)
+                grid_png([images.get(r) for r in rows], path)
                 grids.append({"latent": latent_id, "token": name, "file": str(path.relative_to(out)),
                               "values": [round(float(v), 4) for v in top.values[:len(rows), latent_id]]})
     result["grids"] = grids
+    if cfg.sort_eval_pairs:
+        from activation_store.sae.sort_eval import write_sort_eval
+
+        result["sort_eval"] = write_sort_eval(top_cls, cls_images, cfg, images, out / "sort_eval")
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     _html(result, figures, out)
     return result
@@ -174,7 +182,7 @@ class _ImageFetcher:
         return Image.new("RGB", (224, 224), (200, 200, 200))
 
 
-def _grid_png(imgs: list[Image.Image], path: Path, size: int = 160) -> None:
+def grid_png(imgs: list[Image.Image], path: Path, size: int = 160) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     grid = Image.new("RGB", (3 * size, 3 * size), (255, 255, 255))
     for i, im in enumerate(imgs[:9]):

@@ -48,10 +48,15 @@ class DeadLatents:
         self.window = window
         self.since = torch.zeros(n_latents, dtype=torch.int64, device=device)
 
-    def update(self, indices: torch.Tensor, values: torch.Tensor, n_tokens: int) -> None:
+    def update(self, indices: torch.Tensor, values: torch.Tensor, n_tokens: int, world_size: int = 1) -> None:
+        """`n_tokens` per process; with several processes, a latent counts as fired if it fired on any."""
         fired = torch.zeros_like(self.since, dtype=torch.bool)
         fired[indices[values > 0]] = True
-        self.since += n_tokens
+        if world_size > 1:
+            as_int = fired.to(torch.int32)
+            torch.distributed.all_reduce(as_int, op=torch.distributed.ReduceOp.MAX)
+            fired = as_int.bool()
+        self.since += n_tokens * world_size
         self.since[fired] = 0
 
     @property

@@ -90,6 +90,7 @@ def auxk_loss(sae: TopKSAE, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Ten
 class Trainer:
     def __init__(self, cfg: TrainerConfig) -> None:
         self.cfg = cfg
+        self.rank, self.world = _init_distributed(cfg)
         torch.manual_seed(cfg.seed)
         self.store = open_store(cfg.store, cfg.storage_options or None)
         self.reader = ShuffledReader(self.store, cfg.location, tokens=cfg.tokens, batch_size=cfg.batch_size,
@@ -112,21 +113,33 @@ class Trainer:
         return sorted(p for p in root.glob("[0-9]*") if (p / "trainer.pt").exists()) if root.exists() else []
 
     def save_checkpoint(self) -> Path:
+        """Rank 0 writes weights, optimiser and counters (identical on every rank); each rank writes
+        its own reader state; rank 0 renames the folder once all are written."""
         root = self.out / "checkpoints"
         final = root / f"{self.tokens:013d}"
-        tmp = root / f".tmp-{self.tokens:013d}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.sae.state_dict().items()}, str(tmp / "sae.safetensors"))
-        torch.save({"optimizer": self.opt.state_dict(), "dead": self.dead.state_dict(), "step": self.step,
-                    "tokens": self.tokens, "reader": self.reader.state_dict(),
-                    "normalizer": self.reader.normalizer.state_dict()}, tmp / "trainer.pt")
-        (tmp / "config.json").write_text(json.dumps({"sae": self.sae.config_dict(), "trainer": asdict(self.cfg) | {
-            "storage_options": sorted(self.cfg.storage_options)}, "location": self.cfg.location,
-            "store": self.store.url, "normalizer": {k: v for k, v in self.reader.normalizer.state_dict().items()
-                                                    if k in ("mode", "source")}}, indent=2, default=str))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        tmp = root / f".tmp-{self.tokens:013d}"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier(self.world)
+        torch.save({"reader": self.reader.state_dict()}, tmp / f"reader_rank{self.rank}.pt")
+        if self.rank == 0:
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.sae.state_dict().items()},
+                      str(tmp / "sae.safetensors"))
+            torch.save({"optimizer": self.opt.state_dict(), "dead": self.dead.state_dict(), "step": self.step,
+                        "tokens": self.tokens, "world_size": self.world,
+                        "normalizer": self.reader.normalizer.state_dict()}, tmp / "trainer.pt")
+            (tmp / "config.json").write_text(json.dumps({
+                "sae": self.sae.config_dict(), "world_size": self.world,
+                "trainer": asdict(self.cfg) | {"storage_options": sorted(self.cfg.storage_options)},
+                "location": self.cfg.location, "store": self.store.url,
+                "normalizer": {k: v for k, v in self.reader.normalizer.state_dict().items() if k in ("mode", "source")},
+            }, indent=2, default=str))
+        _barrier(self.world)
+        if self.rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        _barrier(self.world)
         return final
 
     def _resume(self) -> Path | None:
@@ -136,10 +149,14 @@ class Trainer:
         path = found[-1]
         self.sae.load_state_dict(load_file(str(path / "sae.safetensors"), device=str(self.cfg.device)))
         state = torch.load(path / "trainer.pt", map_location=self.cfg.device, weights_only=True)
+        if state.get("world_size", 1) != self.world:
+            raise ConfigError(f"{path} was written by {state.get('world_size', 1)} processes; resume it with as many "
+                              f"(this run has {self.world})")
         self.opt.load_state_dict(state["optimizer"])
         self.dead.load_state_dict(state["dead"])
         self.step, self.tokens = state["step"], state["tokens"]
-        self.reader.load_state_dict(state["reader"])
+        reader = torch.load(path / f"reader_rank{self.rank}.pt", map_location="cpu", weights_only=True)
+        self.reader.load_state_dict(reader["reader"])
         return path
 
     # ------------------------------------------------------------------ training
@@ -156,6 +173,8 @@ class Trainer:
             x = next(it)
             if self.step == 0 and self.resumed_from is None:
                 self.sae.init_b_dec_(x)
+                if self.world > 1:  # every rank starts from rank 0's b_dec
+                    torch.distributed.broadcast(self.sae.b_dec.data, 0)
             for group in self.opt.param_groups:
                 group["lr"] = lr_at(cfg, self.tokens)
             values, indices, pre = self.sae.encode_topk(x)
@@ -165,13 +184,18 @@ class Trainer:
             loss = loss_main + cfg.auxk_coef * aux
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
+            if self.world > 1:  # average gradients: every rank then takes the same step
+                for p in self.sae.parameters():
+                    if p.grad is not None:
+                        torch.distributed.all_reduce(p.grad)
+                        p.grad /= self.world
             self.sae.remove_parallel_gradient_()
             self.opt.step()
             self.sae.normalize_decoder_()
-            self.dead.update(indices, values.detach(), x.shape[0])
+            self.dead.update(indices, values.detach(), x.shape[0], self.world)
             self.step += 1
-            self.tokens += x.shape[0]
-            progress.update(x.shape[0])
+            self.tokens += x.shape[0] * self.world
+            progress.update(x.shape[0] * self.world)
             if self.step % cfg.log_every_steps == 0 or self.tokens >= cfg.total_tokens:
                 with torch.no_grad():
                     last = {"step": self.step, "tokens": self.tokens, "loss": float(loss), "mse": float(loss_main),
@@ -179,9 +203,10 @@ class Trainer:
                             "nmse": float(metrics.nmse(x, x_hat)), "l0": float((values > 0).sum(-1).float().mean()),
                             "dead_proportion": self.dead.proportion(), "lr": self.opt.param_groups[0]["lr"],
                             "tokens_per_s": (self.tokens - (progress.initial or 0)) / (time.perf_counter() - t0)}
-                log.write(json.dumps(last) + "\n")
-                log.flush()
-                if wandb is not None:
+                if self.rank == 0:
+                    log.write(json.dumps(last) + "\n")
+                    log.flush()
+                if wandb is not None and self.rank == 0:
                     wandb.log(last, step=self.step)
             if self.tokens >= next_ckpt:
                 self.save_checkpoint()
@@ -190,8 +215,41 @@ class Trainer:
         progress.close()
         log.close()
         self.reader.close()
+        in_sync = _ranks_in_sync(self.sae, self.world)
+        if not in_sync:
+            raise RuntimeError("SAE weights differ between ranks after training")
         return {"checkpoint": str(final), "steps": self.step, "tokens": self.tokens, "last": last,
-                "resumed_from": str(self.resumed_from) if self.resumed_from else None}
+                "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+                "rank": self.rank, "world_size": self.world, "ranks_in_sync": in_sync}
+
+
+def _init_distributed(cfg: TrainerConfig) -> tuple[int, int]:
+    """torchrun sets WORLD_SIZE/RANK: join the process group (gloo on CPU, nccl on CUDA)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        backend = "nccl" if str(cfg.device).startswith("cuda") else "gloo"
+        dist.init_process_group(backend)
+        if backend == "nccl":
+            cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _ranks_in_sync(sae: TopKSAE, world: int) -> bool:
+    if world == 1:
+        return True
+    flat = torch.cat([p.detach().flatten().double().cpu() for p in sae.parameters()])
+    sums = torch.tensor([float(flat.sum()), float((flat * torch.arange(len(flat), dtype=torch.float64)).sum())])
+    gathered = [torch.zeros_like(sums) for _ in range(world)]
+    torch.distributed.all_gather(gathered, sums)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
 def _wandb(cfg: TrainerConfig):
