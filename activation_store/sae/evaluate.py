@@ -192,12 +192,24 @@ def grid_png(imgs: list[Image.Image], path: Path, size: int = 160) -> None:
     grid.save(path)
 
 
-def _tokenwise_png(values: list[float], path: Path) -> str:
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: Path, dpi: int) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    _pyplot().close(fig)
+    return path.name
+
+
+def _tokenwise_png(values: list[float], path: Path) -> str:
+    plt = _pyplot()
     v = np.asarray(values, dtype=float)
     side = int(round(math.sqrt(len(v) - 1)))
     fig, ax = plt.subplots(figsize=(5, 4.2))
@@ -208,18 +220,11 @@ def _tokenwise_png(values: list[float], path: Path) -> str:
     else:
         ax.plot(v)
         ax.set_title("token-wise MSE by position (0 = CLS)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path.name
+    return _save(fig, path, 100)
 
 
 def _curves_png(jsonl: Path, path: Path) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
     keys = [k for k in ("mse", "explained_variance", "l0", "dead_proportion", "auxk", "lr") if k in rows[0]]
     fig, axes = plt.subplots(2, 3, figsize=(12, 6))
@@ -227,10 +232,7 @@ def _curves_png(jsonl: Path, path: Path) -> str:
         ax.plot([r["tokens"] for r in rows], [r[key] for r in rows])
         ax.set_title(key)
         ax.set_xlabel("tokens")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path.name
+    return _save(fig, path, 90)
 
 
 def _html(result: dict, figures: dict, out: Path) -> None:
