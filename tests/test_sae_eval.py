@@ -52,3 +52,39 @@ def test_train_then_eval_writes_metrics_figures_grids_and_a_report(tmp_path, cap
     assert oracle["accuracy_mean"] == 1.0 and oracle["pairs"] == len(pairs)
     wrong = run_sort_eval(folder, lambda a, b, q: "B" if answers[q] == "A" else "A")
     assert wrong["accuracy_mean"] == 0.0
+
+
+def test_the_report_renders_in_headless_chromium_with_every_image_loaded(tmp_path):
+    import shutil
+    import subprocess
+
+    import pytest
+
+    browser = shutil.which("chromium")
+    if browser is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    from activation_store.sae.evaluate import _html
+
+    out = tmp_path / "report"
+    (out / "grids").mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (30, 20), (10, 200, 10)).save(out / "tokenwise_mse.png")
+    Image.new("RGB", (30, 30), (200, 10, 10)).save(out / "grids" / "latent00001_cls.png")
+    result = {"location": "resid_22", "eval_images": 3, "eval_tokens": 771, "mse": 1.0, "grids": [
+        {"latent": 1, "token": "cls", "file": "grids/latent00001_cls.png", "values": [1.0, 0.5]}]}
+    _html(result, {"tokenwise": "tokenwise_mse.png"}, out)
+    dom = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--allow-file-access-from-files", "--dump-dom",
+         (out / "report.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert 'data-images-loaded="2/2"' in dom
+    # a missing image is caught
+    (out / "grids" / "latent00001_cls.png").unlink()
+    dom = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile2'}",
+         "--allow-file-access-from-files", "--dump-dom", (out / "report.html").as_uri()],
+        capture_output=True, text=True, timeout=120).stdout
+    assert 'data-images-loaded="1/2"' in dom

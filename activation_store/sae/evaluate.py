@@ -249,5 +249,8 @@ figure{{display:inline-block;margin:6px}}</style></head><body>
 <h1>SAE evaluation: {html.escape(result['location'])}</h1>
 <p>Held-out images (split by image): {result['eval_images']} images, {result['eval_tokens']} tokens.</p>
 <table>{rows}</table><h2>Figures</h2>{figs}<h2>Top activating images (3x3, best first)</h2>{grids}
+<script>window.addEventListener("load", () => {{ const im = [...document.images];
+document.body.setAttribute("data-images-loaded", im.filter(i => i.complete && i.naturalWidth > 0).length + "/" + im.length);
+}});</script>
 </body></html>"""
     (out / "report.html").write_text(page)
