@@ -24,8 +24,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numcodecs
-import numcodecs.blosc
 import numpy as np
 import torch
 

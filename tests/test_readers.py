@@ -46,7 +46,9 @@ def drain(reader):
 def test_every_selected_token_exactly_once_per_epoch(store, tokens, per_image, drop_last):
     reader = ShuffledReader(store, "resid_2", tokens=tokens, batch_size=8, buffer_tokens=60, seed=3,
                             return_ids=True, drop_last=drop_last)
+    size = reader.epoch_size()
     xs, ids = drain(reader)
+    assert size == {"tokens": len(ids), "batches": len(xs)}
     total = 30 * per_image
     keys = ids[:, 0] * 1000 + ids[:, 1]
     assert len(np.unique(keys)) == len(keys)  # never twice

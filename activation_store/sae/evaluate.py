@@ -19,7 +19,6 @@ from tqdm import tqdm
 from activation_store.errors import ConfigError
 from activation_store.readers import OrderedReader
 from activation_store.readers.normalize import Normalizer
-from activation_store.sae import metrics
 from activation_store.sae.io import load_sae
 from activation_store.store import open_store
 

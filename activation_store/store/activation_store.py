@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -499,9 +498,6 @@ class ActivationStore:
             "relative_rmse": float(np.sqrt(sq_err / sq_val)) if sq_val else 0.0,
             "bound": self.codec.error_bound(),
         }
-
-    def to_json(self) -> str:
-        return json.dumps(self.attrs, indent=2)
 
 
 def open_store(url: str, storage_options: dict | None = None) -> ActivationStore:

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from activation_store.errors import ActivationStoreError
 from activation_store.store import layout
 from activation_store.store.activation_store import ActivationStore, ShardInfo
 from activation_store.store.chunk_io import crc_of
@@ -262,9 +261,3 @@ def _verify_shard(store: ActivationStore, s: ShardInfo, files: dict[str, int]) -
             if counts.get("cls") != n or counts.get("patches") != n * (store.n_tokens - 1):
                 problems.append(Problem(s.name, f"{loc}: statistics count {counts}, expected {n} CLS and {n * (store.n_tokens - 1)} patch tokens"))
     return problems
-
-
-def verify_or_raise(store: ActivationStore) -> None:
-    problems = verify(store, progress=False)
-    if problems:
-        raise ActivationStoreError("store failed verification:\n" + "\n".join(map(str, problems)))

@@ -125,12 +125,3 @@ class Storage:
             key = p[len(root):] if p.startswith(root) else p.split(root.lstrip("/"), 1)[-1]
             out[key] = int(info.get("size") or 0)
         return out
-
-    def list_dir(self, prefix: str) -> list[str]:
-        base = self.path(prefix)
-        if not self.fs.exists(base):
-            return []
-        return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(base, detail=False))
-
-    def open_group(self, mode: str = "r"):
-        return zarr.open_group(self.zarr_store(), mode=mode)
