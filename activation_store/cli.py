@@ -18,14 +18,15 @@ def _storage_options(args) -> dict | None:
     return opts or None
 
 
+def _add_remote_args(p: argparse.ArgumentParser, what: str = "stores") -> None:
+    p.add_argument("--endpoint-url", help=f"S3-compatible endpoint for s3:// {what} (e.g. http://127.0.0.1:9000)")
+    p.add_argument("--storage-options", metavar="JSON",
+                   help=f'fsspec options for remote {what}, e.g. \'{{"key": "...", "secret": "..."}}\'')
+
+
 def _add_store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", help="store path or URL (a local directory, or s3://bucket/prefix)")
-    p.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// stores (e.g. http://127.0.0.1:9000)")
-    p.add_argument(
-        "--storage-options",
-        metavar="JSON",
-        help='fsspec options for remote stores, e.g. \'{"key": "...", "secret": "..."}\'',
-    )
+    _add_remote_args(p)
 
 
 def cmd_info(args) -> int:
@@ -188,8 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML or YAML file with these settings; flags override it")
     p.add_argument("--report", help="JSON report path ({rank} is replaced; default beside the store)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// stores and shards")
-    p.add_argument("--storage-options", metavar="JSON", help="fsspec options for remote stores and shards")
+    _add_remote_args(p, "stores and shards")
     p.set_defaults(func=cmd_harvest)
 
     p = sub.add_parser("train", help="train a TopK SAE on one location of a store (resumable)",
@@ -226,8 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=2_000_000)
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// stores")
-    p.add_argument("--storage-options", metavar="JSON", help="fsspec options for remote stores")
+    _add_remote_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="the README's demo: bundled photos -> harvest -> store -> info and verify",

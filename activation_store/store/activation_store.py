@@ -468,18 +468,22 @@ class ActivationStore:
         block = np.asarray(arr[li])
         return {g: Moments.from_array(counts[g], block[gi]) for gi, g in enumerate(layout.MOMENT_GROUPS)}
 
-    def stats(self, location, tokens: str = "all") -> Moments:
-        """Statistics of a location over committed shards, merged exactly in shard order.
-        tokens: 'all', 'cls' or 'patches'."""
-        if tokens not in ("all", *layout.MOMENT_GROUPS):
-            raise ConfigError(f"tokens must be 'all', 'cls' or 'patches', got {tokens!r}")
-        total = Moments(self.d_model)
+    def stats_by_group(self, location) -> dict[str, Moments]:
+        """Statistics of a location over committed shards for 'all', 'cls' and 'patches' tokens,
+        each shard's moments read once and merged exactly in shard order."""
+        totals = {g: Moments(self.d_model) for g in ("all", *layout.MOMENT_GROUPS)}
         for s in self.committed_shards():
             parts = self.shard_moments(s, location)
             for g in layout.MOMENT_GROUPS:
-                if tokens in ("all", g):
-                    total.merge(parts[g])
-        return total
+                totals[g].merge(parts[g])
+                totals["all"].merge(parts[g])
+        return totals
+
+    def stats(self, location, tokens: str = "all") -> Moments:
+        """Statistics of a location over committed shards; tokens: 'all', 'cls' or 'patches'."""
+        if tokens not in ("all", *layout.MOMENT_GROUPS):
+            raise ConfigError(f"tokens must be 'all', 'cls' or 'patches', got {tokens!r}")
+        return self.stats_by_group(location)[tokens]
 
     def lossy_error(self, location) -> dict | None:
         """Measured rounding error of a lossy store over committed shards, with the bound it must meet."""

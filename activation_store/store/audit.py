@@ -84,7 +84,7 @@ def info(store: ActivationStore) -> dict:
             else None,
         }
         if n_images and all(s.commit.get("stats_complete", True) for s in store.committed_shards()):
-            entry["stats"] = {g: store.stats(loc, g).summary() for g in ("all", "cls", "patches")}
+            entry["stats"] = {g: m.summary() for g, m in store.stats_by_group(loc).items()}
         if store.codec.lossy:
             entry["lossy_error"] = store.lossy_error(loc)
         locations[loc] = entry
