@@ -137,5 +137,27 @@ def test_folding_the_normaliser_and_saelens_export_round_trip(tmp_path):
         assert cfg["d_in"] == 12 and cfg["d_sae"] == 48 and cfg["k"] == 3 and cfg["normalize_activations"] == "none"
         torch.testing.assert_close(load_sae(folder)(x), want, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(TopKSAE.from_pretrained(str(folder))(x), want, rtol=1e-4, atol=1e-4)
-    with pytest.raises(CheckpointError, match="repo_id"):
-        TopKSAE.from_pretrained("22_resid/1200013184.pt")
+
+
+def test_from_pretrained_finds_clipscope_names_in_their_hub_repo(tmp_path, monkeypatch):
+    """CLIP-Scope's model card loads `from_pretrained("22_resid/1200013184.pt")` with no repo; we
+    resolve it in CLIP-Scope's repo through the Hugging Face cache (offline here)."""
+    from huggingface_hub import constants
+
+    from activation_store.sae.io import CLIPSCOPE_REPO
+
+    state, k = make_clipscope_checkpoint(tmp_path / "ck.pt"), 4
+    repo = tmp_path / "hub" / ("models--" + CLIPSCOPE_REPO.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40) / "22_resid").mkdir(parents=True)
+    (tmp_path / "ck.pt").rename(repo / "snapshots" / ("0" * 40) / "22_resid" / "1200013184.pt")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+
+    x = torch.randn(5, 16)
+    got = TopKSAE.from_pretrained("22_resid/1200013184.pt")(x)
+    torch.testing.assert_close(got, clipscope_forward(state, k, x)[1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(CheckpointError, match="cannot fetch 22_resid/9.pt from lewington/CLIP-ViT-L-scope"):
+        TopKSAE.from_pretrained("22_resid/9.pt")

@@ -83,13 +83,18 @@ def load_sae(path: str | Path, device: str = "cpu") -> TopKSAE:
     )
 
 
+# where CLIP-Scope's own `TopKSAE.from_pretrained` looks when it is given no repo
+CLIPSCOPE_REPO = "lewington/CLIP-ViT-L-scope"
+
+
 def from_pretrained(checkpoint: str, repo_id: str | None = None, device: str = "cpu") -> TopKSAE:
     """`TopKSAE.from_pretrained`: a local path, or a file of a Hugging Face repo (downloaded with
-    huggingface_hub; CLIP-Scope's repo files are `.pt` checkpoints like '22_resid/1200013184.pt')."""
+    huggingface_hub, or found in its cache). A name that is not a local path and comes without
+    `repo_id` is looked up in CLIP-Scope's repo, as CLIP-Scope's model card does:
+    `TopKSAE.from_pretrained("22_resid/1200013184.pt")`."""
     if repo_id is None and Path(checkpoint).exists():
         return load_sae(checkpoint, device)
-    if repo_id is None:
-        raise CheckpointError(f"{checkpoint} does not exist here; pass repo_id= to fetch it from the Hugging Face hub")
+    repo_id = repo_id or CLIPSCOPE_REPO
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as exc:  # pragma: no cover - huggingface_hub comes with open_clip
