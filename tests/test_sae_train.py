@@ -133,7 +133,7 @@ def test_auxk_lowers_the_dead_fraction_on_data_built_to_kill_latents(tmp_path):
         runs[coef] = [json.loads(line) for line in open(tmp_path / f"run-{coef}" / "metrics.jsonl")]
     without, with_auxk = runs[0.0], runs[1 / 32]
     # measured on this machine: without AuxK 30% of the latents are dead after the first window and
-    # 8-10% at the end; with AuxK 3-4% at the end (ratios 0.3-0.5 over six seeds)
+    # 8-10% at the end; with AuxK 3-4% at the end (ratios 0.3-0.5 over four seeds)
     assert max(m["dead_proportion"] for m in without) >= 0.25, "the data should kill latents"
     assert without[-1]["dead_proportion"] >= 0.05
     assert with_auxk[-1]["dead_proportion"] <= 0.6 * without[-1]["dead_proportion"]
