@@ -98,6 +98,7 @@ def cmd_train(args) -> int:
         total_tokens=args.total_tokens, lr=args.lr, warmup_tokens=args.warmup_tokens, auxk_coef=args.auxk_coef,
         dead_tokens=args.dead_tokens, checkpoint_every_tokens=args.checkpoint_every, normalize=args.normalize,
         seed=args.seed, device=args.device, buffer_tokens=args.buffer_tokens, wandb=args.wandb,
+        k_aux=args.k_aux, relu=not args.no_relu, autocast=args.autocast,
         storage_options=_storage_options(args) or {},
     )
     result = train(cfg)
@@ -207,7 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="default 2e-4 / sqrt(latents / 2^14)")
     p.add_argument("--warmup-tokens", type=int, default=10_000_000)
     p.add_argument("--auxk-coef", type=float, default=1 / 32)
+    p.add_argument("--k-aux", type=int, default=None, help="dead latents AuxK uses per token (default d_in / 2)")
     p.add_argument("--dead-tokens", type=int, default=10_000_000, help="silent this long = dead (default 10M)")
+    p.add_argument("--no-relu", action="store_true", help="keep negative top-k values (as CLIP-Scope's SAEs)")
+    p.add_argument("--autocast", default="auto", choices=["auto", "bf16", "off"],
+                   help="bf16 autocast: auto = on CUDA only (default)")
     p.add_argument("--checkpoint-every", type=int, default=100_000_000, help="tokens between checkpoints")
     p.add_argument("--normalize", default="unit_mean_sq_norm", choices=["none", "standardize", "unit_mean_sq_norm"])
     p.add_argument("--buffer-tokens", type=int, default=2**19)

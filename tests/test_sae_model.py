@@ -109,6 +109,27 @@ def test_decoder_rows_stay_unit_norm_and_gradients_lose_their_parallel_part():
     np.testing.assert_allclose(sae.W_dec.norm(dim=1).detach().numpy(), 1.0, rtol=1e-5)
 
 
+def test_forward_and_gradients_equal_the_written_out_formula():
+    """The encoder takes b_dec's gradient a cheaper way; values and every gradient must still be
+    those of x^ = ReLU(TopK((x - b_dec) W_enc + b_enc)) W_dec + b_dec."""
+    torch.manual_seed(0)
+    sae = TopKSAE(32, 128, 4, seed=0)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_()
+    x = torch.randn(64, 32) * 3
+    (sae(x) - x).pow(2).sum().backward()
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in sae.named_parameters()}
+    pre = (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
+    vals, idx = pre.topk(4, dim=-1)
+    latent = torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
+    (latent @ params["W_dec"] + params["b_dec"] - x).pow(2).sum().backward()
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(p.grad, params[name].grad, rtol=1e-5, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(sae(x), latent @ params["W_dec"] + params["b_dec"], rtol=1e-5, atol=1e-5)
+
+
 def test_b_dec_starts_at_the_geometric_median():
     sae = TopKSAE(2, 8, 1)
     pts = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [100.0, 100.0]])

@@ -1,4 +1,5 @@
-"""The trainer: it recovers a planted dictionary, and a SIGKILLed run resumes to the very same weights."""
+"""The trainer: it recovers a planted dictionary, AuxK revives latents that data kills, bf16 autocast keeps float32
+weights, and a SIGKILLed run resumes to the very same weights."""
 
 import json
 import os
@@ -8,9 +9,11 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
+from activation_store.errors import ConfigError
 from activation_store.sae.trainer import TrainerConfig, train
 from activation_store.store import ActivationStore, ImageRecord, StoreConfig
 
@@ -138,3 +141,19 @@ def test_auxk_lowers_the_dead_fraction_on_data_built_to_kill_latents(tmp_path):
     assert without[-1]["dead_proportion"] >= 0.05
     assert with_auxk[-1]["dead_proportion"] <= 0.6 * without[-1]["dead_proportion"]
     assert with_auxk[-1]["nmse"] < 0.8 * without[-1]["nmse"], "revived latents should reconstruct what was left"
+
+
+def test_bf16_autocast_trains_with_float32_weights(tmp_path):
+    """`autocast="auto"` turns bf16 autocast on for CUDA; "bf16" forces the same code path here."""
+    planted_store(tmp_path / "s", n_samples=8192, d=32, n_features=64)
+    cfg = TrainerConfig(store=str(tmp_path / "s"), location="resid_0", out=str(tmp_path / "run"), n_latents=128, k=4,
+                        batch_size=256, total_tokens=60_000, lr=3e-3, warmup_tokens=1000, normalize="none",
+                        dead_tokens=2_000, checkpoint_every_tokens=10**9, buffer_tokens=4096, threads=2,
+                        autocast="bf16", log_every_steps=10)
+    result = train(cfg)
+    weights = load_file(os.path.join(result["checkpoint"], "sae.safetensors"))
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    logged = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert logged[-1]["nmse"] < 0.5 * logged[0]["nmse"] and logged[-1]["l0"] == 4
+    with pytest.raises(ConfigError, match="autocast"):
+        TrainerConfig(store="s", location="l", out="o", autocast="fp8").autocast_context()

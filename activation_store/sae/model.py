@@ -55,7 +55,14 @@ class TopKSAE(nn.Module):
 
     # ------------------------------------------------------------------ encode / decode
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        pre = (x - self.b_dec) @ self.W_enc
+        if self.b_dec.requires_grad and torch.is_grad_enabled():
+            # b_dec's gradient through the encoder is -sum_batch(dL/dpre) @ W_enc^T; written as
+            # (x - b_dec) @ W_enc, autograd would get it from a full (batch x n x d) product, a
+            # third of the step. The added term is exactly zero and carries that gradient cheaply.
+            zero = self.b_dec - self.b_dec.detach()
+            pre = (x - self.b_dec.detach()) @ self.W_enc - zero @ self.W_enc
+        else:
+            pre = (x - self.b_dec) @ self.W_enc
         return pre + self.b_enc if self.cfg.encoder_bias else pre
 
     def encode_topk(self, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -72,10 +79,10 @@ class TopKSAE(nn.Module):
         return torch.zeros(x.shape[0], self.cfg.n_latents, dtype=values.dtype, device=x.device).scatter_(
             -1, indices, values)
 
-    def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """sum_j values[:, j] * W_dec[indices[:, j]] + b_dec, without the dense latent."""
+    def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """sum_j values[:, j] * W_dec[indices[:, j]] (+ b_dec), without the dense latent."""
         out = F.embedding_bag(indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum")
-        return out + self.b_dec
+        return out + self.b_dec if bias else out
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Dense decode of a (B, n_latents) latent."""

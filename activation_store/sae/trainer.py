@@ -9,6 +9,7 @@ was never interrupted."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -52,10 +53,20 @@ class TrainerConfig:
     holdout: float = 0.05  # share of images kept out of training for evaluation (split by image)
     seed: int = 0
     device: str = "cpu"
+    autocast: str = "auto"  # auto: bf16 autocast on CUDA, none on the CPU; bf16: on any device; off
     buffer_tokens: int = 2**19
     threads: int = 4
     wandb: bool = False
     storage_options: dict = field(default_factory=dict)
+
+    def autocast_context(self):
+        """The encoder and losses run under bf16 autocast; weights, Adam and the decoder's
+        embedding_bag stay float32."""
+        if self.autocast not in ("auto", "bf16", "off"):
+            raise ConfigError(f"autocast must be auto, bf16 or off, got {self.autocast!r}")
+        device_type = torch.device(self.device).type
+        on = self.autocast == "bf16" or (self.autocast == "auto" and device_type == "cuda")
+        return torch.autocast(device_type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.n_latents / 2**14)
@@ -75,14 +86,17 @@ def auxk_loss(sae: TopKSAE, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Ten
               k_aux: int) -> torch.Tensor:
     """Reconstruct the residual x - x^ from the top-k_aux pre-activations of dead latents, as a
     normalised MSE (Gao et al.), scaled down while fewer than k_aux latents are dead."""
-    n_dead = int(dead.sum())
+    dead_idx = dead.nonzero().squeeze(1)
+    n_dead = dead_idx.numel()
     if n_dead == 0:
         return x.new_zeros(())
-    masked = pre.masked_fill(~dead, float("-inf"))
-    values, indices = masked.topk(min(k_aux, n_dead), dim=-1, sorted=False)
+    # top-k over the dead columns only: masking all n columns and searching them costs as much as
+    # the whole SAE step when n is large and few latents are dead
+    values, pos = pre.index_select(1, dead_idx).topk(min(k_aux, n_dead), dim=-1, sorted=False)
+    indices = dead_idx[pos]
     values = F.relu(values) if sae.cfg.relu else values
     residual = (x - x_hat).detach()
-    recon = F.embedding_bag(indices, sae.W_dec, per_sample_weights=values, mode="sum")
+    recon = sae.decode_sparse(values, indices, bias=False)
     scale = min(n_dead / k_aux, 1.0)
     return scale * metrics.nmse(residual, recon)
 
@@ -169,6 +183,7 @@ class Trainer:
         wandb = _wandb(cfg) if cfg.wandb else None
         t0 = time.perf_counter()
         last = {}
+        autocast = cfg.autocast_context()
         while self.tokens < cfg.total_tokens:
             x = next(it)
             if self.step == 0 and self.resumed_from is None:
@@ -177,11 +192,13 @@ class Trainer:
                     torch.distributed.broadcast(self.sae.b_dec.data, 0)
             for group in self.opt.param_groups:
                 group["lr"] = lr_at(cfg, self.tokens)
-            values, indices, pre = self.sae.encode_topk(x)
-            x_hat = self.sae.decode_sparse(values, indices)
-            loss_main = metrics.mse(x, x_hat)
-            aux = auxk_loss(self.sae, x, x_hat, pre, self.dead.dead, self.k_aux) if cfg.auxk_coef else x.new_zeros(())
-            loss = loss_main + cfg.auxk_coef * aux
+            with autocast:
+                values, indices, pre = self.sae.encode_topk(x)
+                x_hat = self.sae.decode_sparse(values, indices)
+                loss_main = metrics.mse(x, x_hat)
+                aux = (auxk_loss(self.sae, x, x_hat, pre, self.dead.dead, self.k_aux) if cfg.auxk_coef
+                       else x.new_zeros(()))
+                loss = loss_main + cfg.auxk_coef * aux
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             if self.world > 1:  # average gradients: every rank then takes the same step
