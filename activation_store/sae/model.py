@@ -59,10 +59,11 @@ class TopKSAE(nn.Module):
             # b_dec's gradient through the encoder is -sum_batch(dL/dpre) @ W_enc^T; written as
             # (x - b_dec) @ W_enc, autograd would get it from a full (batch x n x d) product, a
             # third of the step. The added term is exactly zero and carries that gradient cheaply.
+            # It joins b_enc as one (n,) vector, so the batch sees a single broadcast add.
             zero = self.b_dec - self.b_dec.detach()
-            pre = (x - self.b_dec.detach()) @ self.W_enc - zero @ self.W_enc
-        else:
-            pre = (x - self.b_dec) @ self.W_enc
+            bias = (self.b_enc if self.cfg.encoder_bias else 0) - zero @ self.W_enc
+            return (x - self.b_dec.detach()) @ self.W_enc + bias
+        pre = (x - self.b_dec) @ self.W_enc
         return pre + self.b_enc if self.cfg.encoder_bias else pre
 
     def encode_topk(self, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
