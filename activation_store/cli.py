@@ -234,9 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_remote_args(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("demo", help="the README's demo: bundled photos -> harvest -> store -> info and verify",
+    p = sub.add_parser("demo", help="the README's demo: bundled photos -> harvest -> store -> SAE -> eval report",
                        description="Harvest the bundled CC0 photos with ViT-L-14 (random weights when the "
-                       "pretrained ones are not on this machine) into OUT/store.zarr, then show info and verify.")
+                       "pretrained ones are not on this machine) into OUT/store.zarr, show info and verify, read "
+                       "it back shuffled, train a small TopK SAE on the deepest layer and write its evaluation "
+                       "report to OUT/eval/report.html.")
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.set_defaults(func=cmd_demo)

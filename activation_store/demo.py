@@ -1,5 +1,6 @@
-"""The README's demo: the bundled CC0 photos -> harvest (ViT-L-14, eight layers) -> store -> info
-and verify. Later stages (readers, SAE training, evaluation report) join as they land."""
+"""The README's demo, the whole flow on the bundled CC0 photos: harvest (ViT-L-14, eight layers) ->
+store -> info and verify -> a shuffled read -> train a small TopK SAE on the deepest layer ->
+evaluate it on held-out images -> HTML report."""
 
 from __future__ import annotations
 
@@ -45,29 +46,30 @@ def run_demo(out: str, model: str = DEFAULT_MODEL, pretrained: str = DEFAULT_PRE
     print(f"\nverify: {'OK' if not problems else problems}")
     from activation_store import ShuffledReader
 
-    reader = ShuffledReader(store, "resid_22", batch_size=512, seed=0, normalize="unit_mean_sq_norm", return_ids=True)
+    location = store.locations[-1]  # the deepest harvested layer (resid_22 with the defaults)
+    reader = ShuffledReader(store, location, batch_size=512, seed=0, normalize="unit_mean_sq_norm", return_ids=True)
     batches = list(reader)
     tokens = sum(len(x) for x, _ in batches)
     x, ids = batches[0]
-    print(f"\nread back shuffled: {tokens:,} resid_22 tokens in {len(batches)} batches; the first batch mixes "
+    print(f"\nread back shuffled: {tokens:,} {location} tokens in {len(batches)} batches; the first batch mixes "
           f"{len(set(ids[:, 0].tolist()))} images; E||x||^2 after unit_mean_sq_norm = "
           f"{float((x ** 2).sum(1).mean()):.0f} (d_model {store.d_model})")
     from activation_store.sae.evaluate import EvalConfig, evaluate
     from activation_store.sae.trainer import TrainerConfig, train
 
-    run = out_dir / "sae-resid_22"
+    run = out_dir / f"sae-{location}"
     if run.exists():
         shutil.rmtree(run)
-    trained = train(TrainerConfig(store=str(store_path), location="resid_22", out=str(run), n_latents=4096, k=32,
+    trained = train(TrainerConfig(store=str(store_path), location=location, out=str(run), n_latents=4096, k=32,
                                   batch_size=256, total_tokens=40_000, lr=1e-3, warmup_tokens=2_000, holdout=0.3,
                                   dead_tokens=10_000, checkpoint_every_tokens=20_000, buffer_tokens=4096, threads=2))
     last = trained["last"]
-    print(f"\ntrained a TopK SAE (4,096 latents, k=32) on resid_22: mse {last['mse']:.4g}, explained variance "
+    print(f"\ntrained a TopK SAE (4,096 latents, k=32) on {location}: mse {last['mse']:.4g}, explained variance "
           f"{last['explained_variance']:.3f}; checkpoint {trained['checkpoint']}")
     result = evaluate(EvalConfig(sae=trained["checkpoint"], out=str(out_dir / "eval"), batch_size=1024, top_n=9,
                                  min_images=1))
     print(f"evaluated on {result['eval_images']} held-out images: mse {result['mse']:.4g}, explained variance "
           f"{result['explained_variance']:.3f}, L0 {result['l0']:.1f}")
-    print(f"\nwritten to {out_dir}/: store.zarr, harvest-report.json, store-info.json, sae-resid_22/, "
+    print(f"\nwritten to {out_dir}/: store.zarr, harvest-report.json, store-info.json, {run.name}/, "
           f"eval/report.html")
     return 0 if not problems else 1
