@@ -119,7 +119,8 @@ def cmd_eval(args) -> int:
                                  batch_size=args.batch_size, device=args.device,
                                  storage_options=_storage_options(args)))
     print(f"{result['location']}: mse {result['mse']:.4g}, explained variance {result['explained_variance']:.3f}, "
-          f"nmse {result['nmse']:.3f}, L0 {result['l0']:.1f} on {result['eval_images']} held-out images; "
+          f"nmse {result['nmse']:.3f}, L0 {result['l0']:.1f} on {result['eval_images']} "
+          f"{'held-out' if result['split'] == 'eval' else 'training (the run held out none)'} images; "
           f"report {args.out}/report.html")
     return 0
 

@@ -23,8 +23,9 @@ def test_train_then_eval_writes_metrics_figures_grids_and_a_report(tmp_path, cap
                  "1000", "--checkpoint-every", "10000", "--buffer-tokens", "2000"]) == 0
     ckpt = sorted((run / "checkpoints").glob("[0-9]*"))[-1]
     out = tmp_path / "eval"
-    assert main(["eval", str(ckpt), "--out", str(out), "--batch-size", "512"]) == 0
+    assert main(["eval", str(run), "--out", str(out), "--batch-size", "512"]) == 0  # a run folder: its newest
     m = json.loads((out / "metrics.json").read_text())
+    assert m["sae"] == str(ckpt)
     for key in ("mse", "explained_variance", "nmse", "l0", "never_fired_proportion", "active_feature_proportion_cls"):
         assert key in m
     assert len(m["tokenwise_mse"]) == 257 and m["l0"] <= 8 and m["eval_images"] > 0
@@ -52,6 +53,10 @@ def test_train_then_eval_writes_metrics_figures_grids_and_a_report(tmp_path, cap
     assert oracle["accuracy_mean"] == 1.0 and oracle["pairs"] == len(pairs)
     wrong = run_sort_eval(folder, lambda a, b, q: "B" if answers[q] == "A" else "A")
     assert wrong["accuracy_mean"] == 0.0
+
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "h.json"), "--out", str(tmp_path / "bad")]) == 2
+    assert "neither a checkpoint written by `actstore train`" in capsys.readouterr().err
 
 
 def test_the_report_renders_in_headless_chromium_with_every_image_loaded(tmp_path):

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from activation_store.errors import ConfigError
 from activation_store.readers import OrderedReader
 from activation_store.readers.normalize import Normalizer
+from activation_store.sae.clipscope import CheckpointError
 from activation_store.sae.io import load_sae
 from activation_store.store import open_store
 
@@ -58,8 +59,22 @@ class _TopImages:
         self.values, self.rows = top.values, rws.gather(0, top.indices)
 
 
+def _checkpoint_folder(path: str) -> Path:
+    """A checkpoint folder, or a run folder (its newest checkpoint)."""
+    ckpt = Path(path)
+    if (ckpt / "config.json").exists() and (ckpt / "trainer.pt").exists():
+        return ckpt
+    found = sorted(p for p in (ckpt / "checkpoints").glob("[0-9]*") if (p / "trainer.pt").exists()) \
+        if (ckpt / "checkpoints").is_dir() else []
+    if found:
+        return found[-1]
+    raise CheckpointError(f"{path} is neither a checkpoint written by `actstore train` (OUT/checkpoints/<tokens>/ "
+                          f"with config.json and trainer.pt) nor a run folder holding one; evaluation needs the "
+                          f"store, location and normalisation that training recorded")
+
+
 def evaluate(cfg: EvalConfig) -> dict:
-    ckpt = Path(cfg.sae)
+    ckpt = _checkpoint_folder(cfg.sae)
     run_cfg = json.loads((ckpt / "config.json").read_text())
     tcfg = run_cfg["trainer"]
     store = open_store(cfg.store or tcfg["store"], cfg.storage_options)
@@ -246,7 +261,7 @@ def _html(result: dict, figures: dict, out: Path) -> None:
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td{{border:1px solid #ccc;padding:3px 8px}}
 figure{{display:inline-block;margin:6px}}</style></head><body>
 <h1>SAE evaluation: {html.escape(result['location'])}</h1>
-<p>Held-out images (split by image): {result['eval_images']} images, {result['eval_tokens']} tokens.</p>
+<p>{'Held-out images (split by image)' if result['split'] == 'eval' else 'Training images (the run held out none)'}: {result['eval_images']} images, {result['eval_tokens']} tokens.</p>
 <table>{rows}</table><h2>Figures</h2>{figs}<h2>Top activating images (3x3, best first)</h2>{grids}
 <script>window.addEventListener("load", () => {{ const im = [...document.images];
 document.body.setAttribute("data-images-loaded", im.filter(i => i.complete && i.naturalWidth > 0).length + "/" + im.length);
