@@ -115,7 +115,8 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from activation_store.sae.evaluate import EvalConfig, evaluate
 
-    result = evaluate(EvalConfig(sae=args.sae, store=args.store, out=args.out, max_tokens=args.max_tokens,
+    result = evaluate(EvalConfig(sae=args.sae, store=args.store, location=args.location, normalize=args.normalize,
+                                 out=args.out, max_tokens=args.max_tokens,
                                  batch_size=args.batch_size, device=args.device,
                                  storage_options=_storage_options(args)))
     print(f"{result['location']}: mse {result['mse']:.4g}, explained variance {result['explained_variance']:.3f}, "
@@ -225,9 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate an SAE checkpoint on held-out images: metrics, plots, image grids, HTML",
                        description="Evaluate a checkpoint written by `actstore train` on the images held out of "
                        "training (split by image): CLIP-Scope's metrics (docs/metrics.md), a token-wise MSE heatmap, "
-                       "training curves, top-9 image grids per latent, and OUT/report.html.")
-    p.add_argument("sae", help="checkpoint folder (RUN/checkpoints/<tokens>)")
+                       "training curves, top-9 image grids per latent, and OUT/report.html. Another SAE (a CLIP-Scope "
+                       ".pt file, a SAELens folder) is evaluated on every image of STORE at --location.")
+    p.add_argument("sae", help="run folder (its newest checkpoint), checkpoint folder (RUN/checkpoints/<tokens>), "
+                   "CLIP-Scope .pt file or SAELens folder")
     p.add_argument("store", nargs="?", help="store (default: the one the SAE was trained on)")
+    p.add_argument("--location", help="e.g. resid_22 (default: the one the SAE was trained on)")
+    p.add_argument("--normalize", choices=["none", "standardize", "unit_mean_sq_norm"],
+                   help="default: the training run's normaliser; standardize for a CLIP-Scope file (their "
+                   "per-batch standardisation, with the store's statistics); none for a SAELens folder")
     p.add_argument("--out", default="eval", help="output folder (default eval)")
     p.add_argument("--max-tokens", type=int, default=2_000_000)
     p.add_argument("--batch-size", type=int, default=4096)

@@ -3,6 +3,8 @@
 import json
 import re
 
+import pytest
+
 from activation_store.cli import main
 from activation_store.harvest.config import HarvestConfig
 from activation_store.harvest.model import ModelConfig
@@ -56,7 +58,39 @@ def test_train_then_eval_writes_metrics_figures_grids_and_a_report(tmp_path, cap
 
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "h.json"), "--out", str(tmp_path / "bad")]) == 2
-    assert "neither a checkpoint written by `actstore train`" in capsys.readouterr().err
+    assert "nor a CLIP-Scope .pt file; `actstore eval` also takes a run folder" in capsys.readouterr().err
+
+
+def test_eval_of_a_clipscope_checkpoint_standardises_with_the_store_statistics(tmp_path):
+    """CLIP-Scope trained on batches standardised by their own statistics and saved none; we
+    evaluate their checkpoints on a store with its statistics (standardize), on every image."""
+    import numpy as np
+    import torch
+
+    from activation_store.errors import ConfigError
+    from activation_store.sae.evaluate import EvalConfig, evaluate
+    from activation_store.store import ActivationStore, ImageRecord, StoreConfig
+    from test_sae_model import clipscope_forward, make_clipscope_checkpoint
+
+    rng = np.random.default_rng(0)
+    acts = (rng.standard_normal((8, 257, 16)) * rng.uniform(0.5, 4, 16) + rng.normal(0, 3, 16)).astype(np.float32)
+    store = ActivationStore.create(str(tmp_path / "s"), locations="resid_22", n_tokens=257, d_model=16,
+                                   config=StoreConfig(dtype="fp32", chunk_images=4, region_images=4))
+    store.plan_shards([("a", 8)])
+    with store.writer("a") as w:
+        w.add({"resid_22": acts}, [ImageRecord(str(i)) for i in range(8)])
+    state = make_clipscope_checkpoint(tmp_path / "1200013184.pt", d=16, n=64, k=4)
+
+    result = evaluate(EvalConfig(sae=str(tmp_path / "1200013184.pt"), store=str(tmp_path / "s"),
+                                 location="resid_22", out=str(tmp_path / "eval"), top_n=2, min_images=1))
+    x = torch.from_numpy(acts.reshape(-1, 16)).double()
+    x = ((x - x.mean(0)) / (x.var(0, unbiased=False).sqrt() + 1e-6)).float()
+    _, x_hat = clipscope_forward(state, 4, x)
+    assert result["normalization"] == "standardize" and result["split"] == "all" and result["eval_images"] == 8
+    np.testing.assert_allclose(result["mse"], float((x - x_hat).pow(2).sum(-1).mean()), rtol=1e-3)
+    assert (tmp_path / "eval" / "report.html").exists()
+    with pytest.raises(ConfigError, match="give both"):
+        evaluate(EvalConfig(sae=str(tmp_path / "1200013184.pt"), out=str(tmp_path / "e2")))
 
 
 def test_the_report_renders_in_headless_chromium_with_every_image_loaded(tmp_path):

@@ -19,15 +19,23 @@ from tqdm import tqdm
 from activation_store.errors import ConfigError
 from activation_store.readers import OrderedReader
 from activation_store.readers.normalize import Normalizer
+from activation_store.readers.selection import TokenSelection
 from activation_store.sae.clipscope import CheckpointError
 from activation_store.sae.io import load_sae
 from activation_store.store import open_store
+from activation_store.store.stats import Moments
 
 
 @dataclass
 class EvalConfig:
-    sae: str  # a checkpoint folder written by the trainer
+    # a checkpoint or run folder written by the trainer, or another SAE: a CLIP-Scope .pt file or a
+    # SAELens folder (those need `store` and `location`)
+    sae: str
     store: str | None = None  # default: the store it was trained on
+    location: str | None = None  # default: the location it was trained on
+    # default: the trainer's normaliser; for a CLIP-Scope file "standardize" (their per-batch
+    # standardisation, with the store's statistics), for a SAELens folder "none" (folded in)
+    normalize: str | None = None
     out: str = "eval"
     max_tokens: int = 2_000_000
     batch_size: int = 4096
@@ -59,30 +67,57 @@ class _TopImages:
         self.values, self.rows = top.values, rws.gather(0, top.indices)
 
 
-def _checkpoint_folder(path: str) -> Path:
-    """A checkpoint folder, or a run folder (its newest checkpoint)."""
+def _our_checkpoint(path: str) -> Path | None:
+    """A checkpoint folder of ours, or a run folder's newest checkpoint; None for anything else."""
     ckpt = Path(path)
     if (ckpt / "config.json").exists() and (ckpt / "trainer.pt").exists():
         return ckpt
     found = sorted(p for p in (ckpt / "checkpoints").glob("[0-9]*") if (p / "trainer.pt").exists()) \
         if (ckpt / "checkpoints").is_dir() else []
-    if found:
-        return found[-1]
-    raise CheckpointError(f"{path} is neither a checkpoint written by `actstore train` (OUT/checkpoints/<tokens>/ "
-                          f"with config.json and trainer.pt) nor a run folder holding one; evaluation needs the "
-                          f"store, location and normalisation that training recorded")
+    return found[-1] if found else None
+
+
+def _setup(cfg: EvalConfig):
+    """(SAE, store, location, normaliser, holdout, checkpoint folder or None) for our runs, whose
+    checkpoints record store, location, normaliser and holdout, and for other SAEs, which need
+    them given."""
+    ckpt = _our_checkpoint(cfg.sae)
+    if ckpt is not None:
+        tcfg = json.loads((ckpt / "config.json").read_text())["trainer"]
+        store = open_store(cfg.store or tcfg["store"], cfg.storage_options)
+        location = cfg.location or tcfg["location"]
+        state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
+        norm = (Normalizer.from_state_dict(state["normalizer"]) if cfg.normalize is None
+                else _store_normalizer(store, location, cfg.normalize))
+        return load_sae(ckpt, cfg.device), store, location, norm, tcfg.get("holdout") or 0.0, ckpt
+    try:
+        sae = load_sae(cfg.sae, cfg.device)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; `actstore eval` also takes a run folder written by `actstore train`") from exc
+    if not (cfg.store and cfg.location):
+        raise ConfigError(f"{cfg.sae} is not one of our training runs, so it records no store or location: "
+                          f"give both (actstore eval SAE STORE --location resid_22)")
+    store = open_store(cfg.store, cfg.storage_options)
+    clipscope = Path(cfg.sae).suffix == ".pt"
+    norm = _store_normalizer(store, cfg.location, cfg.normalize or ("standardize" if clipscope else "none"))
+    return sae, store, cfg.location, norm, 0.0, None
+
+
+def _store_normalizer(store, location: str, mode: str) -> Normalizer:
+    if location not in store.locations:
+        raise ConfigError(f"{store.url} has no location {location!r}; it has {', '.join(store.locations)}")
+    group = TokenSelection.resolve("all", store.n_tokens).stats_group
+    moments = Moments(store.d_model) if mode == "none" else store.stats(location, group)
+    return Normalizer.from_moments(mode, moments, {"store": store.url, "location": location, "tokens": group,
+                                                   "count": moments.count})
 
 
 def evaluate(cfg: EvalConfig) -> dict:
-    ckpt = _checkpoint_folder(cfg.sae)
-    run_cfg = json.loads((ckpt / "config.json").read_text())
-    tcfg = run_cfg["trainer"]
-    store = open_store(cfg.store or tcfg["store"], cfg.storage_options)
-    location = tcfg["location"]
-    sae = load_sae(ckpt, cfg.device).eval()
-    state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
-    norm = Normalizer.from_state_dict(state["normalizer"])
-    holdout = tcfg.get("holdout") or 0.0
+    sae, store, location, norm, holdout, ckpt = _setup(cfg)
+    sae.eval()
+    if sae.cfg.d_in != store.d_model:
+        raise ConfigError(f"the SAE reads {sae.cfg.d_in}-dimensional inputs but {store.url} stores d_model "
+                          f"{store.d_model}")
     split = "eval" if holdout else "all"
     reader = OrderedReader(store, location, tokens="all", batch_size=cfg.batch_size, split=split,
                            holdout=holdout or 0.05, device=cfg.device)
@@ -129,7 +164,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     mean_x = sums["x"] / tokens
     total_var = sums["x_sq"] / tokens - float(mean_x.pow(2).sum())
     result = {
-        "sae": str(ckpt), "store": store.url, "location": location, "split": split, "holdout": holdout,
+        "sae": str(ckpt or cfg.sae), "store": store.url, "location": location, "split": split, "holdout": holdout,
         "eval_tokens": sums["tokens"], "eval_images": int(tok_count[0]),
         "normalization": norm.mode,
         "mse": sums["sq_err"] / tokens,
@@ -145,8 +180,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     figures = {"tokenwise": _tokenwise_png(result["tokenwise_mse"], out / "tokenwise_mse.png")}
-    curves = ckpt.parent.parent / "metrics.jsonl"
-    if curves.exists():
+    curves = ckpt.parent.parent / "metrics.jsonl" if ckpt is not None else None
+    if curves is not None and curves.exists():
         figures["curves"] = _curves_png(curves, out / "training_curves.png")
     shown = [int(i) for i in torch.nonzero(cls_images >= min(cfg.top_n, int(tok_count[0]))).flatten()[:cfg.grid_latents]]
     grids = []
