@@ -1,0 +1,48 @@
+"""The map's rules, checked: the store imports no torch; readers and the SAE package train and
+evaluate on a machine that has only the store (no open_clip, no img2dataset, no harvester)."""
+
+import subprocess
+import sys
+
+BLOCKER = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"open_clip", "img2dataset", "webdataset"} or name.startswith("activation_store.harvest"):
+            raise ImportError(f"{name} is not installed on this trainer")
+sys.meta_path.insert(0, Block())
+"""
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", BLOCKER + code], capture_output=True, text=True, timeout=120)
+
+
+def test_the_store_imports_no_torch():
+    done = _run("import activation_store.store, activation_store.store.audit\n"
+                "assert 'torch' not in sys.modules, 'the store imported torch'")
+    assert done.returncode == 0, done.stderr
+
+
+def test_readers_and_sae_need_neither_open_clip_nor_the_harvester(tmp_path):
+    code = f"""
+import numpy as np
+from activation_store import ShuffledReader
+from activation_store.store import ActivationStore, ImageRecord, StoreConfig
+from activation_store.sae.trainer import TrainerConfig, train
+from activation_store.sae.evaluate import EvalConfig, evaluate
+from activation_store.sae.io import export_saelens, load_sae
+s = ActivationStore.create({str(tmp_path / "s")!r}, locations="resid_0", n_tokens=5, d_model=8,
+                           config=StoreConfig(dtype="fp16", chunk_images=8, region_images=8))
+s.plan_shards([("a", 64)])
+with s.writer("a") as w:
+    w.add({{"resid_0": np.random.default_rng(0).standard_normal((64, 5, 8)).astype(np.float32)}},
+          [ImageRecord(str(i)) for i in range(64)])
+r = train(TrainerConfig(store=s.url, location="resid_0", out={str(tmp_path / "run")!r}, n_latents=32, k=2,
+                        batch_size=32, total_tokens=640, warmup_tokens=0, holdout=0.25, buffer_tokens=64, threads=1))
+m = evaluate(EvalConfig(sae={str(tmp_path / "run")!r}, out={str(tmp_path / "eval")!r}, top_n=1, min_images=1))
+assert m["eval_images"] > 0
+assert not any(n.startswith(("open_clip", "activation_store.harvest")) for n in sys.modules)
+"""
+    done = _run(code)
+    assert done.returncode == 0, done.stderr[-3000:]
