@@ -50,14 +50,13 @@ class DeadLatents:
 
     def update(self, indices: torch.Tensor, values: torch.Tensor, n_tokens: int, world_size: int = 1) -> None:
         """`n_tokens` per process; with several processes, a latent counts as fired if it fired on any."""
-        fired = torch.zeros_like(self.since, dtype=torch.bool)
-        fired[indices[values > 0]] = True
+        # counts and masked_fill rather than boolean indexing, which would wait for the device
+        counts = torch.zeros(self.since.shape, dtype=torch.int32, device=self.since.device)
+        counts.index_add_(0, indices.reshape(-1), (values > 0).reshape(-1).to(torch.int32))
         if world_size > 1:
-            as_int = fired.to(torch.int32)
-            torch.distributed.all_reduce(as_int, op=torch.distributed.ReduceOp.MAX)
-            fired = as_int.bool()
+            torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX)
         self.since += n_tokens * world_size
-        self.since[fired] = 0
+        self.since.masked_fill_(counts > 0, 0)
 
     @property
     def dead(self) -> torch.Tensor:
