@@ -110,7 +110,7 @@ def test_the_report_renders_in_headless_chromium_with_every_image_loaded(tmp_pat
 
     Image.new("RGB", (30, 20), (10, 200, 10)).save(out / "tokenwise_mse.png")
     Image.new("RGB", (30, 30), (200, 10, 10)).save(out / "grids" / "latent00001_cls.png")
-    result = {"location": "resid_22", "eval_images": 3, "eval_tokens": 771, "mse": 1.0, "grids": [
+    result = {"location": "resid_22", "split": "eval", "eval_images": 3, "eval_tokens": 771, "mse": 1.0, "grids": [
         {"latent": 1, "token": "cls", "file": "grids/latent00001_cls.png", "values": [1.0, 0.5]}]}
     _html(result, {"tokenwise": "tokenwise_mse.png"}, out)
     dom = subprocess.run(
