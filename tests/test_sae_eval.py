@@ -30,6 +30,8 @@ def test_train_then_eval_writes_metrics_figures_grids_and_a_report(tmp_path, cap
     assert m["sae"] == str(ckpt)
     for key in ("mse", "explained_variance", "nmse", "l0", "never_fired_proportion", "active_feature_proportion_cls"):
         assert key in m
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert m["dead_proportion"] == last["dead_proportion"]  # the trainer's counters at that checkpoint
     assert len(m["tokenwise_mse"]) == 257 and m["l0"] <= 8 and m["eval_images"] > 0
     assert m["split"] == "eval"  # held-out images only
     for png in ("tokenwise_mse.png", "training_curves.png"):

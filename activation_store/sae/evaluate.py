@@ -78,7 +78,8 @@ def _our_checkpoint(path: str) -> Path | None:
 
 
 def _setup(cfg: EvalConfig):
-    """(SAE, store, location, normaliser, holdout, checkpoint folder or None) for our runs, whose
+    """(SAE, store, location, normaliser, holdout, checkpoint folder or None, the trainer's dead
+    proportion or None) for our runs, whose
     checkpoints record store, location, normaliser and holdout, and for other SAEs, which need
     them given."""
     ckpt = _our_checkpoint(cfg.sae)
@@ -89,7 +90,9 @@ def _setup(cfg: EvalConfig):
         state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
         norm = (Normalizer.from_state_dict(state["normalizer"]) if cfg.normalize is None
                 else _store_normalizer(store, location, cfg.normalize))
-        return load_sae(ckpt, cfg.device), store, location, norm, tcfg.get("holdout") or 0.0, ckpt
+        since, window = state["dead"]["since"], state["dead"]["window"]
+        dead = float((since >= window).float().mean())
+        return load_sae(ckpt, cfg.device), store, location, norm, tcfg.get("holdout") or 0.0, ckpt, dead
     try:
         sae = load_sae(cfg.sae, cfg.device)
     except CheckpointError as exc:
@@ -100,7 +103,7 @@ def _setup(cfg: EvalConfig):
     store = open_store(cfg.store, cfg.storage_options)
     clipscope = Path(cfg.sae).suffix == ".pt"
     norm = _store_normalizer(store, cfg.location, cfg.normalize or ("standardize" if clipscope else "none"))
-    return sae, store, cfg.location, norm, 0.0, None
+    return sae, store, cfg.location, norm, 0.0, None, None
 
 
 def _store_normalizer(store, location: str, mode: str) -> Normalizer:
@@ -113,7 +116,7 @@ def _store_normalizer(store, location: str, mode: str) -> Normalizer:
 
 
 def evaluate(cfg: EvalConfig) -> dict:
-    sae, store, location, norm, holdout, ckpt = _setup(cfg)
+    sae, store, location, norm, holdout, ckpt, dead = _setup(cfg)
     sae.eval()
     if sae.cfg.d_in != store.d_model:
         raise ConfigError(f"the SAE reads {sae.cfg.d_in}-dimensional inputs but {store.url} stores d_model "
@@ -171,6 +174,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         "explained_variance": sums["ev"] / tokens,
         "nmse": (sums["sq_err"] / tokens) / total_var if total_var > 0 else None,
         "l0": sums["l0"] / tokens,
+        "dead_proportion": dead,  # CLIP-Scope's: the trainer's counters at this checkpoint
         "never_fired_proportion": float((~fired).float().mean()),
         "active_feature_proportion_cls": float((cls_images[:cfg.first_latents] >= cfg.min_images).float().mean()),
         "tokenwise_mse": (tok_err / tok_count).tolist(),
