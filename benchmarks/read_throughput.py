@@ -35,7 +35,7 @@ from activation_store.synthetic import synthetic_activations
 LOC = "resid_22"
 
 
-def build_store(path: Path, n_images: int, d: int, codec: str) -> ActivationStore:
+def build_store(path: Path, n_images: int, d: int, codec: str, stats: bool = False) -> ActivationStore:
     shutil.rmtree(path, ignore_errors=True)
     store = ActivationStore.create(str(path), locations=[LOC], n_tokens=257, d_model=d,
                                    config=StoreConfig(codec=codec, chunk_images=16, region_images=256))
@@ -43,7 +43,7 @@ def build_store(path: Path, n_images: int, d: int, codec: str) -> ActivationStor
     store.plan_shards([(f"s{i}", min(per_shard, n_images - i * per_shard)) for i in range(-(-n_images // per_shard))])
     for i in range(-(-n_images // per_shard)):
         n = min(per_shard, n_images - i * per_shard)
-        with store.writer(f"s{i}", compute_stats=False) as w:
+        with store.writer(f"s{i}", compute_stats=stats) as w:
             for j in range(0, n, 16):
                 k = min(16, n - j)
                 w.add({LOC: synthetic_activations(i * 1000 + j, k, 257, d, np.float16)},
