@@ -90,17 +90,22 @@ def cmd_harvest(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from activation_store.config_file import overridden, read_config_file
     from activation_store.sae.trainer import TrainerConfig, train
 
-    cfg = TrainerConfig(
-        store=args.store, location=args.location, out=args.out, tokens=args.tokens if args.tokens in ("all", "cls", "patches")
-        else [int(t) for t in args.tokens.split(",")], n_latents=args.latents, k=args.k, batch_size=args.batch_size,
-        total_tokens=args.total_tokens, lr=args.lr, warmup_tokens=args.warmup_tokens, auxk_coef=args.auxk_coef,
-        dead_tokens=args.dead_tokens, checkpoint_every_tokens=args.checkpoint_every, normalize=args.normalize,
-        seed=args.seed, device=args.device, buffer_tokens=args.buffer_tokens, wandb=args.wandb,
-        k_aux=args.k_aux, relu=not args.no_relu, autocast=args.autocast,
-        storage_options=_storage_options(args) or {},
-    )
+    tokens = args.tokens
+    if tokens is not None and tokens not in ("all", "cls", "patches"):
+        tokens = [int(t) for t in tokens.split(",")]
+    file_values = read_config_file(args.config, "train", TrainerConfig) if args.config else {}
+    cfg = TrainerConfig.from_dict(overridden(file_values, {
+        "store": args.store, "location": args.location, "out": args.out, "tokens": tokens, "n_latents": args.latents,
+        "k": args.k, "batch_size": args.batch_size, "total_tokens": args.total_tokens, "lr": args.lr,
+        "warmup_tokens": args.warmup_tokens, "auxk_coef": args.auxk_coef, "k_aux": args.k_aux,
+        "dead_tokens": args.dead_tokens, "relu": False if args.no_relu else None, "autocast": args.autocast,
+        "checkpoint_every_tokens": args.checkpoint_every, "normalize": args.normalize, "holdout": args.holdout,
+        "buffer_tokens": args.buffer_tokens, "seed": args.seed, "device": args.device,
+        "wandb": True if args.wandb else None, "storage_options": _storage_options(args),
+    }))
     result = train(cfg)
     last = result["last"]
     print(f"trained {result['tokens']:,} tokens in {result['steps']:,} steps"
@@ -199,27 +204,31 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a TopK SAE (OpenAI's recipe: AuxK, unit-norm decoder, Adam with warm-up "
                        "and decay) on shuffled tokens of one location. Checkpoints every --checkpoint-every tokens; "
                        "rerunning the same command resumes from the newest checkpoint.")
-    _add_store_args(p)
-    p.add_argument("--location", required=True, help="e.g. resid_22")
-    p.add_argument("--out", required=True, help="run folder: checkpoints/, metrics.jsonl")
-    p.add_argument("--tokens", default="all", help="all, cls, patches, or token indices 0,5,9 (default all)")
-    p.add_argument("--latents", type=int, default=65536, help="number of latents (default 65536)")
-    p.add_argument("--k", type=int, default=32, help="active latents per token (default 32)")
-    p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--total-tokens", type=int, default=1_200_000_000)
-    p.add_argument("--lr", type=float, default=None, help="default 2e-4 / sqrt(latents / 2^14)")
-    p.add_argument("--warmup-tokens", type=int, default=10_000_000)
-    p.add_argument("--auxk-coef", type=float, default=1 / 32)
-    p.add_argument("--k-aux", type=int, default=None, help="dead latents AuxK uses per token (default d_in / 2)")
-    p.add_argument("--dead-tokens", type=int, default=10_000_000, help="silent this long = dead (default 10M)")
+    p.add_argument("store", nargs="?", help="store path or URL (or `store` in --config)")
+    _add_remote_args(p)
+    p.add_argument("--config", help="TOML or YAML file with TrainerConfig's fields (top level or a [train] "
+                   "table); flags override it")
+    p.add_argument("--location", help="e.g. resid_22")
+    p.add_argument("--out", help="run folder: checkpoints/, metrics.jsonl")
+    p.add_argument("--tokens", help="all, cls, patches, or token indices 0,5,9 (default all)")
+    p.add_argument("--latents", type=int, help="number of latents (default 65536)")
+    p.add_argument("--k", type=int, help="active latents per token (default 32)")
+    p.add_argument("--batch-size", type=int, help="default 4096")
+    p.add_argument("--total-tokens", type=int, help="default 1.2e9")
+    p.add_argument("--lr", type=float, help="default 2e-4 / sqrt(latents / 2^14)")
+    p.add_argument("--warmup-tokens", type=int, help="default 10M")
+    p.add_argument("--auxk-coef", type=float, help="default 1/32")
+    p.add_argument("--k-aux", type=int, help="dead latents AuxK uses per token (default d_in / 2)")
+    p.add_argument("--dead-tokens", type=int, help="silent this long = dead (default 10M)")
     p.add_argument("--no-relu", action="store_true", help="keep negative top-k values (as CLIP-Scope's SAEs)")
-    p.add_argument("--autocast", default="auto", choices=["auto", "bf16", "off"],
-                   help="bf16 autocast: auto = on CUDA only (default)")
-    p.add_argument("--checkpoint-every", type=int, default=100_000_000, help="tokens between checkpoints")
-    p.add_argument("--normalize", default="unit_mean_sq_norm", choices=["none", "standardize", "unit_mean_sq_norm"])
-    p.add_argument("--buffer-tokens", type=int, default=2**19)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--autocast", choices=["auto", "bf16", "off"], help="bf16 autocast: auto = on CUDA only (default)")
+    p.add_argument("--checkpoint-every", type=int, help="tokens between checkpoints (default 100M)")
+    p.add_argument("--normalize", choices=["none", "standardize", "unit_mean_sq_norm"],
+                   help="default unit_mean_sq_norm")
+    p.add_argument("--holdout", type=float, help="share of images kept for evaluation (default 0.05)")
+    p.add_argument("--buffer-tokens", type=int, help="default 2^19")
+    p.add_argument("--seed", type=int, help="default 0")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default cpu)")
     p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
     p.set_defaults(func=cmd_train)
 

@@ -157,3 +157,25 @@ def test_bf16_autocast_trains_with_float32_weights(tmp_path):
     assert logged[-1]["nmse"] < 0.5 * logged[0]["nmse"] and logged[-1]["l0"] == 4
     with pytest.raises(ConfigError, match="autocast"):
         TrainerConfig(store="s", location="l", out="o", autocast="fp8").autocast_context()
+
+
+def test_train_reads_a_config_file_and_flags_override_it(tmp_path, capsys):
+    from activation_store.cli import main
+
+    planted_store(tmp_path / "s", n_samples=4096, d=16, n_features=32)
+    cfg = tmp_path / "train.toml"
+    cfg.write_text(f'[train]\nstore = "{tmp_path / "s"}"\nlocation = "resid_0"\nout = "{tmp_path / "run"}"\n'
+                   'n_latents = 64\nk = 3\nbatch_size = 128\ntotal_tokens = 100000\nwarmup_tokens = 0\n'
+                   'normalize = "none"\nbuffer_tokens = 2048\n')
+    assert main(["train", "--config", str(cfg), "--total-tokens", "2560", "--k", "2"]) == 0
+    final = sorted((tmp_path / "run" / "checkpoints").glob("[0-9]*"))[-1]
+    saved = json.loads((final / "config.json").read_text())
+    assert saved["sae"]["n_latents"] == 64 and saved["sae"]["k"] == 2  # file, then the flag
+    assert saved["trainer"]["total_tokens"] == 2560 and saved["trainer"]["normalize"] == "none"
+
+    cfg.write_text('[train]\nlatent = 64\n')
+    capsys.readouterr()
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert "unknown keys ['latent']" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "s"), "--out", str(tmp_path / "r2")]) == 2
+    assert "training needs location" in capsys.readouterr().err

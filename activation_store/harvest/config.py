@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import os
-import tomllib
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 
+from activation_store.config_file import read_config_file
 from activation_store.errors import ConfigError
 from activation_store.harvest.model import ModelConfig
 from activation_store.store.config import StoreConfig
@@ -96,25 +95,7 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
 
 def load_config_file(path: str) -> dict:
     """A TOML or YAML file with the HarvestConfig's fields (nested tables for model/store/download)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    text = p.read_text()
-    if p.suffix in (".toml",):
-        data = tomllib.loads(text)
-    elif p.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text) or {}
-    else:
-        raise ConfigError(f"config file {path}: use .toml, .yaml or .yml")
-    if "harvest" in data and isinstance(data["harvest"], dict):
-        data = data["harvest"]
-    known = {f.name for f in fields(HarvestConfig)}
-    unknown = set(data) - known
-    if unknown:
-        raise ConfigError(f"config file {path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-    return data
+    return read_config_file(path, "harvest", HarvestConfig)
 
 
 def build_config(file_values: dict, overrides: dict) -> HarvestConfig:

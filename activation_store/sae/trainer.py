@@ -59,6 +59,17 @@ class TrainerConfig:
     wandb: bool = False
     storage_options: dict = field(default_factory=dict)
 
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainerConfig:
+        """From a config file's values merged with flags; says which required ones are missing."""
+        missing = [name for name in ("store", "location", "out") if values.get(name) is None]
+        if missing:
+            raise ConfigError(f"training needs {', '.join(missing)} (as arguments or in --config)")
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ConfigError(f"bad training configuration: {exc}") from exc
+
     def autocast_context(self):
         """The encoder and losses run under bf16 autocast; weights, Adam and the decoder's
         embedding_bag stay float32."""
