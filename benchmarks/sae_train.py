@@ -21,7 +21,7 @@ import torch
 
 from activation_store.sae import metrics
 from activation_store.sae.model import TopKSAE
-from activation_store.sae.trainer import auxk_loss
+from activation_store.sae.trainer import sae_step
 
 
 def dense_baseline_step(params, opt, x, k):
@@ -37,17 +37,9 @@ def dense_baseline_step(params, opt, x, k):
 
 
 def our_step(sae, opt, x, dead, k_aux, dead_mask):
-    """`dead_mask` is fixed so that AuxK costs what it costs in a run with that many dead latents
-    (on random data few would die within a short benchmark)."""
-    values, indices, pre = sae.encode_topk(x)
-    x_hat = sae.decode_sparse(values, indices)
-    loss = metrics.mse(x, x_hat) + auxk_loss(sae, x, x_hat, pre, dead_mask, k_aux) / 32
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    sae.remove_parallel_gradient_()
-    opt.step()
-    sae.normalize_decoder_()
-    dead.update(indices, values.detach(), x.shape[0])
+    """The trainer's own step; `dead_mask` is fixed so that AuxK costs what it costs in a run with
+    that many dead latents (on random data few would die within a short benchmark)."""
+    sae_step(sae, opt, x, dead, k_aux, 1 / 32, aux_dead=dead_mask)
 
 
 def rate(step, x, steps, sync) -> float:

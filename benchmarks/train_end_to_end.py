@@ -27,7 +27,7 @@ import torch
 from activation_store import ShuffledReader
 from activation_store.sae import metrics
 from activation_store.sae.model import TopKSAE
-from activation_store.sae.trainer import TrainerConfig, Trainer
+from activation_store.sae.trainer import TrainerConfig, train
 from read_throughput import LOC, build_store
 from sae_train import our_step, rate
 
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
                      sync)
 
     # the trainer end to end; its own clock starts at the first batch
-    result = Trainer(cfg).train()
+    result = train(cfg)
     train_rate = result["last"]["tokens_per_s"]
 
     name = torch.cuda.get_device_name() if dev.type == "cuda" else f"{len(os.sched_getaffinity(0))} CPU cores"

@@ -27,13 +27,19 @@ def planted_store(path, n_samples=32768, d=64, n_features=512, k=4, tokens=16, s
     idx = np.argsort(rng.random((n_samples, n_features)), axis=1)[:, :k]
     x = np.einsum("nk,nkd->nd", rng.uniform(0.5, 1.5, (n_samples, k)), feats[idx])
     x += 0.01 * rng.standard_normal((n_samples, d))
+    rows_store(path, x, tokens)
+    return feats
+
+
+def rows_store(path, x, tokens):
+    """A store of the (n, d) rows x at location resid_0, `tokens` rows to an image."""
+    images, d = len(x) // tokens, x.shape[1]
     store = ActivationStore.create(str(path), locations="resid_0", n_tokens=tokens, d_model=d,
                                    config=StoreConfig(dtype="fp32", chunk_images=64, region_images=256))
-    images = n_samples // tokens
-    store.plan_shards([("planted", images)])
-    with store.writer("planted") as w:
-        w.add({"resid_0": x.reshape(images, tokens, d).astype(np.float32)}, [ImageRecord(str(i)) for i in range(images)])
-    return feats
+    store.plan_shards([("rows", images)])
+    with store.writer("rows") as w:
+        w.add({"resid_0": x[:images * tokens].reshape(images, tokens, d).astype(np.float32)},
+              [ImageRecord(str(i)) for i in range(images)])
 
 
 def test_trainer_recovers_a_planted_dictionary(tmp_path):
@@ -116,12 +122,7 @@ def latent_killing_store(path, n_samples=32768, d=256, tokens=16, seed=0):
     basis = np.linalg.qr(rng.standard_normal((d, d)))[0]
     x = rng.uniform(0.5, 1.5, (n_samples, 1)) * basis[rng.integers(0, d, n_samples)]
     x += 0.01 * rng.standard_normal((n_samples, d))
-    store = ActivationStore.create(str(path), locations="resid_0", n_tokens=tokens, d_model=d,
-                                   config=StoreConfig(dtype="fp32", chunk_images=64, region_images=256))
-    images = n_samples // tokens
-    store.plan_shards([("killing", images)])
-    with store.writer("killing") as w:
-        w.add({"resid_0": x.reshape(images, tokens, d).astype(np.float32)}, [ImageRecord(str(i)) for i in range(images)])
+    rows_store(path, x, tokens)
 
 
 def test_auxk_lowers_the_dead_fraction_on_data_built_to_kill_latents(tmp_path):

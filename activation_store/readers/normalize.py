@@ -44,6 +44,15 @@ class Normalizer:
             shift, scale = np.zeros(d), np.full(d, np.sqrt(d / moments.mean_sq_norm))
         return cls(mode, shift, scale, dict(source or {}))
 
+    @classmethod
+    def from_store(cls, mode: str, store, location: str, stats_group: str = "all") -> Normalizer:
+        """From the store's statistics of one location and token group (none reads no statistics)."""
+        from activation_store.store.stats import Moments
+
+        moments = Moments(store.d_model) if mode == "none" else store.stats(location, stats_group)
+        return cls.from_moments(mode, moments, {"store": store.url, "location": location, "tokens": stats_group,
+                                                "count": moments.count})
+
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "none":
             return x

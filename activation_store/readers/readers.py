@@ -57,14 +57,7 @@ class _Reader:
         self.location = loc
         self.selection = TokenSelection.resolve(cfg.tokens, self.store.n_tokens)
         self.rank, self.world = _rank_world(cfg.rank, cfg.world_size)
-        if cfg.normalize == "none":
-            from activation_store.store.stats import Moments
-
-            moments = Moments(self.store.d_model)
-        else:
-            moments = self.store.stats(loc, self.selection.stats_group)
-        self.normalizer = Normalizer.from_moments(cfg.normalize, moments, {
-            "store": self.store.url, "location": loc, "tokens": self.selection.stats_group, "count": moments.count})
+        self.normalizer = Normalizer.from_store(cfg.normalize, self.store, loc, self.selection.stats_group)
         self.engine = Engine(self.store, loc, self.selection, batch_size=cfg.batch_size,
                              buffer_tokens=cfg.buffer_tokens, seed=cfg.seed, rank=self.rank,
                              world_size=self.world, shuffle=cfg.shuffle, drop_last=cfg.drop_last, dtype=cfg.dtype,

@@ -19,11 +19,10 @@ from tqdm import tqdm
 from activation_store.errors import ConfigError
 from activation_store.readers import OrderedReader
 from activation_store.readers.normalize import Normalizer
-from activation_store.readers.selection import TokenSelection
 from activation_store.sae.clipscope import CheckpointError
 from activation_store.sae.io import load_sae
+from activation_store.sae.trainer import run_checkpoints
 from activation_store.store import open_store
-from activation_store.store.stats import Moments
 
 
 @dataclass
@@ -72,8 +71,7 @@ def _our_checkpoint(path: str) -> Path | None:
     ckpt = Path(path)
     if (ckpt / "config.json").exists() and (ckpt / "trainer.pt").exists():
         return ckpt
-    found = sorted(p for p in (ckpt / "checkpoints").glob("[0-9]*") if (p / "trainer.pt").exists()) \
-        if (ckpt / "checkpoints").is_dir() else []
+    found = run_checkpoints(ckpt)
     return found[-1] if found else None
 
 
@@ -89,7 +87,7 @@ def _setup(cfg: EvalConfig):
         location = cfg.location or tcfg["location"]
         state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
         norm = (Normalizer.from_state_dict(state["normalizer"]) if cfg.normalize is None
-                else _store_normalizer(store, location, cfg.normalize))
+                else Normalizer.from_store(cfg.normalize, store, location))
         since, window = state["dead"]["since"], state["dead"]["window"]
         dead = float((since >= window).float().mean())
         return load_sae(ckpt, cfg.device), store, location, norm, tcfg.get("holdout") or 0.0, ckpt, dead
@@ -102,17 +100,8 @@ def _setup(cfg: EvalConfig):
                           f"give both (actstore eval SAE STORE --location resid_22)")
     store = open_store(cfg.store, cfg.storage_options)
     clipscope = Path(cfg.sae).suffix == ".pt"
-    norm = _store_normalizer(store, cfg.location, cfg.normalize or ("standardize" if clipscope else "none"))
+    norm = Normalizer.from_store(cfg.normalize or ("standardize" if clipscope else "none"), store, cfg.location)
     return sae, store, cfg.location, norm, 0.0, None, None
-
-
-def _store_normalizer(store, location: str, mode: str) -> Normalizer:
-    if location not in store.locations:
-        raise ConfigError(f"{store.url} has no location {location!r}; it has {', '.join(store.locations)}")
-    group = TokenSelection.resolve("all", store.n_tokens).stats_group
-    moments = Moments(store.d_model) if mode == "none" else store.stats(location, group)
-    return Normalizer.from_moments(mode, moments, {"store": store.url, "location": location, "tokens": group,
-                                                   "count": moments.count})
 
 
 def evaluate(cfg: EvalConfig) -> dict:

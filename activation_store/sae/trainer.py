@@ -83,6 +83,12 @@ class TrainerConfig:
         return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.n_latents / 2**14)
 
 
+def run_checkpoints(out: str | Path) -> list[Path]:
+    """The complete checkpoints of a run folder, oldest first (a renamed folder is complete)."""
+    root = Path(out) / "checkpoints"
+    return sorted(p for p in root.glob("[0-9]*") if (p / "trainer.pt").exists()) if root.is_dir() else []
+
+
 def lr_at(cfg: TrainerConfig, tokens: int) -> float:
     base = cfg.learning_rate()
     if cfg.warmup_tokens and tokens < cfg.warmup_tokens:
@@ -112,6 +118,33 @@ def auxk_loss(sae: TopKSAE, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Ten
     return scale * metrics.nmse(residual, recon)
 
 
+def sae_step(sae: TopKSAE, opt: torch.optim.Optimizer, x: torch.Tensor, dead: metrics.DeadLatents, k_aux: int,
+             auxk_coef: float, autocast=contextlib.nullcontext(), world: int = 1,
+             aux_dead: torch.Tensor | None = None) -> dict:
+    """One training step: encode, sparse decode, MSE + AuxK, backward (gradients averaged over
+    `world` processes), step, decoder renormalisation, dead counters. `aux_dead` replaces the
+    counters' dead mask for AuxK (benchmarks fix it to time AuxK at a chosen dead fraction)."""
+    with autocast:
+        values, indices, pre = sae.encode_topk(x)
+        x_hat = sae.decode_sparse(values, indices)
+        loss_main = metrics.mse(x, x_hat)
+        dead_mask = dead.dead if aux_dead is None else aux_dead
+        aux = auxk_loss(sae, x, x_hat, pre, dead_mask, k_aux) if auxk_coef else x.new_zeros(())
+        loss = loss_main + auxk_coef * aux
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if world > 1:  # average gradients: every rank then takes the same step
+        for p in sae.parameters():
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= world
+    sae.remove_parallel_gradient_()
+    opt.step()
+    sae.normalize_decoder_()
+    dead.update(indices, values.detach(), x.shape[0], world)
+    return {"values": values, "x_hat": x_hat, "mse": loss_main, "auxk": aux, "loss": loss}
+
+
 class Trainer:
     def __init__(self, cfg: TrainerConfig) -> None:
         self.cfg = cfg
@@ -134,8 +167,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoints(self) -> list[Path]:
-        root = self.out / "checkpoints"
-        return sorted(p for p in root.glob("[0-9]*") if (p / "trainer.pt").exists()) if root.exists() else []
+        return run_checkpoints(self.out)
 
     def save_checkpoint(self) -> Path:
         """Rank 0 writes weights, optimiser and counters (identical on every rank); each rank writes
@@ -203,24 +235,8 @@ class Trainer:
                     torch.distributed.broadcast(self.sae.b_dec.data, 0)
             for group in self.opt.param_groups:
                 group["lr"] = lr_at(cfg, self.tokens)
-            with autocast:
-                values, indices, pre = self.sae.encode_topk(x)
-                x_hat = self.sae.decode_sparse(values, indices)
-                loss_main = metrics.mse(x, x_hat)
-                aux = (auxk_loss(self.sae, x, x_hat, pre, self.dead.dead, self.k_aux) if cfg.auxk_coef
-                       else x.new_zeros(()))
-                loss = loss_main + cfg.auxk_coef * aux
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.world > 1:  # average gradients: every rank then takes the same step
-                for p in self.sae.parameters():
-                    if p.grad is not None:
-                        torch.distributed.all_reduce(p.grad)
-                        p.grad /= self.world
-            self.sae.remove_parallel_gradient_()
-            self.opt.step()
-            self.sae.normalize_decoder_()
-            self.dead.update(indices, values.detach(), x.shape[0], self.world)
+            out = sae_step(self.sae, self.opt, x, self.dead, self.k_aux, cfg.auxk_coef, autocast, self.world)
+            values, x_hat, loss_main, aux, loss = out["values"], out["x_hat"], out["mse"], out["auxk"], out["loss"]
             self.step += 1
             self.tokens += x.shape[0] * self.world
             progress.update(x.shape[0] * self.world)
