@@ -1,17 +1,44 @@
-"""activation-store: run the ViT once, store its activations in Zarr, read them back shuffled."""
+"""activation-store: run the ViT once, store its activations in Zarr, read them back shuffled.
 
-__version__ = "0.1.0"
+What a researcher reaches for is importable from here, lazily: `import activation_store` imports
+neither torch nor zarr until a name that needs them is used."""
 
-from activation_store.errors import ActivationStoreError  # noqa: E402
-from activation_store.store import ActivationStore, open_store  # noqa: E402
+from __future__ import annotations
 
-__all__ = ["ActivationStore", "ActivationStoreError", "OrderedReader", "ShuffledReader", "open_store", "__version__"]
+import importlib
+
+from activation_store._version import __version__
+from activation_store.errors import ActivationStoreError
+
+# name -> module that defines it
+_LAZY = {
+    "open_store": "activation_store.store",
+    "ActivationStore": "activation_store.store",
+    "StoreConfig": "activation_store.store",
+    "ImageRecord": "activation_store.store",
+    "ShuffledReader": "activation_store.readers",
+    "OrderedReader": "activation_store.readers",
+    "ReaderConfig": "activation_store.readers",
+    "TopKSAE": "activation_store.sae",
+    "SAEConfig": "activation_store.sae",
+    "load_sae": "activation_store.sae",
+    "train": "activation_store.sae.trainer",
+    "TrainerConfig": "activation_store.sae.trainer",
+    "evaluate": "activation_store.sae.evaluate",
+    "EvalConfig": "activation_store.sae.evaluate",
+}
+
+__all__ = ["ActivationStoreError", "__version__", *_LAZY]
 
 
 def __getattr__(name: str):
-    # the readers import torch: only when asked for, so store-only tools start fast
-    if name in ("ShuffledReader", "OrderedReader"):
-        from activation_store import readers
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'activation_store' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
-        return getattr(readers, name)
-    raise AttributeError(f"module 'activation_store' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

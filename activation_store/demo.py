@@ -60,14 +60,16 @@ def run_demo(out: str, model: str = DEFAULT_MODEL, pretrained: str = DEFAULT_PRE
     run = out_dir / f"sae-{location}"
     if run.exists():
         shutil.rmtree(run)
-    trained = train(TrainerConfig(store=str(store_path), location=location, out=str(run), n_latents=4096, k=32,
-                                  batch_size=256, total_tokens=40_000, lr=1e-3, warmup_tokens=2_000, holdout=0.3,
-                                  dead_tokens=10_000, checkpoint_every_tokens=20_000, buffer_tokens=4096, threads=2))
+    reader = {"location": location, "batch_size": 256, "holdout": 0.3, "buffer_tokens": 4096, "threads": 2,
+              "device": device}
+    trained = train(TrainerConfig(store=str(store_path), out=str(run), reader=reader, sae={"n_latents": 4096, "k": 32},
+                                  total_tokens=40_000, lr=1e-3, warmup_tokens=2_000, dead_tokens=10_000,
+                                  checkpoint_every_tokens=20_000))
     last = trained["last"]
     print(f"\ntrained a TopK SAE (4,096 latents, k=32) on {location}: mse {last['mse']:.4g}, explained variance "
           f"{last['explained_variance']:.3f}; checkpoint {trained['checkpoint']}")
     result = evaluate(EvalConfig(sae=trained["checkpoint"], out=str(out_dir / "eval"), batch_size=1024, top_n=9,
-                                 min_images=1))
+                                 min_images=1, device=device))
     print(f"evaluated on {result['eval_images']} held-out images: mse {result['mse']:.4g}, explained variance "
           f"{result['explained_variance']:.3f}, L0 {result['l0']:.1f}")
     print(f"\nwritten to {out_dir}/: store.zarr, harvest-report.json, store-info.json, {run.name}/, "

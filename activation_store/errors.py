@@ -1,5 +1,21 @@
-"""The project's exception types. Every error a user can cause is one of these, with a message
-that says what to do about it."""
+"""Every exception type of the package, in one hierarchy. Each error a user can cause, or a state a
+user can run into, is one of these, with a message that says what to do about it; the CLI prints
+it as one line and exits 2.
+
+    ActivationStoreError
+      ConfigError              an argument, flag or config-file value is invalid
+      StoreError               the store at a path is absent, foreign, too new or in the wrong state
+        StoreNotFoundError, StoreExistsError, StoreVersionError, StoreFormatError,
+        StoreMismatchError, ShardStateError, CapacityError, UnknownLocationError,
+        RowsNotCommittedError
+      DataError                stored or given data is damaged or unusable
+        ChunkCorruptError, ChunkMissingError, NonFiniteActivationError, NoDataError
+      ModelError               the ViT cannot be built or does not fit the request
+        PretrainedUnavailableError
+      SourceError              an input source failed (img2dataset stopped, a shard of another rank)
+      CheckpointError          an SAE checkpoint is missing, unreadable or of an unknown format
+      DistributedError         processes of one run disagree (weights out of sync, wrong world size)
+"""
 
 
 class ActivationStoreError(Exception):
@@ -10,37 +26,88 @@ class ConfigError(ActivationStoreError, ValueError):
     """A configuration value or argument is invalid."""
 
 
-class StoreNotFoundError(ActivationStoreError, FileNotFoundError):
+# ---------------------------------------------------------------------------- the store
+class StoreError(ActivationStoreError):
+    """The store is absent, not ours, or in a state that does not allow the operation."""
+
+
+class StoreNotFoundError(StoreError, FileNotFoundError):
     """No activation store at the given path."""
 
 
-class StoreExistsError(ActivationStoreError, FileExistsError):
+class StoreExistsError(StoreError, FileExistsError):
     """Creating a store where one already exists."""
 
 
-class StoreVersionError(ActivationStoreError):
+class StoreVersionError(StoreError):
     """The store was written in a format version this software cannot read."""
 
 
-class StoreFormatError(ActivationStoreError):
+class StoreFormatError(StoreError):
     """The store's metadata is missing or inconsistent."""
 
 
-class ShardStateError(ActivationStoreError):
+class StoreMismatchError(StoreError):
+    """Resuming or appending to a store with a different model, weights, preprocessing or layout."""
+
+
+class ShardStateError(StoreError):
     """An input shard is in the wrong state for the requested operation."""
 
 
-class CapacityError(ActivationStoreError):
+class CapacityError(StoreError):
     """An input shard received more images than were planned for it."""
 
 
-class ChunkCorruptError(ActivationStoreError):
+class UnknownLocationError(StoreError, KeyError):
+    """The store has no such hook location."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class RowsNotCommittedError(StoreError):
+    """Rows were asked for that no committed input shard holds."""
+
+
+# ---------------------------------------------------------------------------- data
+class DataError(ActivationStoreError):
+    """Stored or given data is damaged or cannot be used."""
+
+
+class ChunkCorruptError(DataError):
     """A stored chunk failed its checksum or could not be decoded."""
 
 
-class ChunkMissingError(ActivationStoreError):
+class ChunkMissingError(DataError):
     """A chunk of a committed input shard is absent from storage."""
 
 
-class NonFiniteActivationError(ActivationStoreError):
+class NonFiniteActivationError(DataError):
     """Activations handed to a writer hold NaN or inf (or overflow the storage dtype)."""
+
+
+class NoDataError(DataError):
+    """The selection holds no tokens (no committed shard, no held-out image, nothing in a split)."""
+
+
+# ---------------------------------------------------------------------------- harvest
+class ModelError(ActivationStoreError):
+    """The model cannot be built or does not fit the request (not a ViT, layer out of range, ...)."""
+
+
+class PretrainedUnavailableError(ModelError):
+    """Pretrained weights could not be loaded (offline, missing file, unknown tag)."""
+
+
+class SourceError(ActivationStoreError):
+    """An image source failed: img2dataset stopped, a shard belongs to another rank."""
+
+
+# ---------------------------------------------------------------------------- SAEs
+class CheckpointError(ActivationStoreError):
+    """A checkpoint file is missing, unreadable, or not of the expected format."""
+
+
+class DistributedError(ActivationStoreError):
+    """The processes of one run disagree (SAE weights out of sync, a different world size)."""

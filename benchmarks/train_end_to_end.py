@@ -65,10 +65,7 @@ def main(argv=None) -> int:
 
     # the bare step on one resident batch; AuxK idle here and in the trainer (no latent is silent
     # for its window), so both do the same work and the difference is the reading
-    cfg = TrainerConfig(store=str(work / "store.zarr"), location=LOC, out=str(work / "run"), n_latents=args.latents,
-                        k=args.k, batch_size=args.batch_size, total_tokens=args.tokens, warmup_tokens=0,
-                        checkpoint_every_tokens=10**15, log_every_steps=10**9, device=args.device,
-                        dead_tokens=10**15)
+    cfg = TrainerConfig(store=str(work / "store.zarr"), out=str(work / "run"), total_tokens=args.tokens, warmup_tokens=0, checkpoint_every_tokens=10**15, log_every_steps=10**9, dead_tokens=10**15, reader={"location": LOC, "batch_size": args.batch_size, "device": args.device}, sae={"n_latents": args.latents, "k": args.k})
     sae = TopKSAE(args.d_model, args.latents, args.k, seed=0).to(dev)
     sae.init_b_dec_(resident[0])  # as the trainer does
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate())

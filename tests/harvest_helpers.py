@@ -64,7 +64,8 @@ def bad_corpus(folder) -> dict[str, str | None]:
 
 
 def write_tar(path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
-    with tarfile.open(path, "w") as tar:
+    """A webdataset tar at a path or into an open binary file: `{key}.{ext}` members in order."""
+    with (tarfile.open(fileobj=path, mode="w") if hasattr(path, "write") else tarfile.open(path, "w")) as tar:
         for key, files in samples:
             for ext, data in files.items():
                 info = tarfile.TarInfo(f"{key}.{ext}")

@@ -6,10 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
+from activation_store.errors import ModelError, PretrainedUnavailableError, StoreMismatchError
 from activation_store.harvest.compat import ConfiguredViT
 from activation_store.harvest.config import HarvestConfig
-from activation_store.harvest.model import LoadedViT, ModelConfig, ModelError, PretrainedUnavailableError
-from activation_store.harvest.run import StoreMismatchError, harvest
+from activation_store.harvest.model import LoadedViT, ModelConfig
+from activation_store.harvest.run import harvest
 from activation_store.store import open_store
 from harvest_helpers import TINY, TINY_NAME, make_images
 

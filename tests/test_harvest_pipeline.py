@@ -11,7 +11,6 @@ import subprocess
 import sys
 import tarfile
 import threading
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -125,28 +124,19 @@ def _cli(out, folder, *extra):
 
 def test_sigkill_mid_harvest_then_rerun_gives_the_uninterrupted_store(tmp_path):
     folder = tmp_path / "imgs"
-    make_images(folder, 36)
-    subprocess.run(_cli(tmp_path / "ref", folder), check=True, capture_output=True)
+    make_images(folder, 36)  # 3 input shards of 12 images, 6 batches of 2 each
+    env = {k: v for k, v in os.environ.items() if k != "ACTSTORE_KILL_AT"}
+    subprocess.run(_cli(tmp_path / "ref", folder), check=True, capture_output=True, env=env)
 
     out = tmp_path / "s"
-    proc = subprocess.Popen(_cli(out, folder), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    killed_mid_shard = False
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            states = [s.state for s in open_store(str(out)).shards(refresh=True)]
-        except Exception:
-            states = []
-        if "committed" in states and "writing" in states:
-            os.kill(proc.pid, signal.SIGKILL)
-            killed_mid_shard = True
-            break
-        time.sleep(0.01)
-    proc.wait()
-    assert killed_mid_shard, "the harvest finished before it could be killed"
+    # killed right after its 9th batch went to the shard writer: shard 0 done, shard 1 half written
+    killed = subprocess.run(_cli(out, folder), capture_output=True, env=dict(env, ACTSTORE_KILL_AT="harvest_batch:9"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
     partial = open_store(str(out))
-    assert 0 < partial.n_images < 36  # only committed shards are visible
-    assert subprocess.run(_cli(out, folder), capture_output=True).returncode == 0
+    assert [s.state for s in partial.shards()] == ["committed", "writing", "planned"]
+    assert partial.n_images == 12  # only the committed shard is visible
+    rerun = subprocess.run(_cli(out, folder), capture_output=True, env=env)
+    assert rerun.returncode == 0, rerun.stderr.decode()[-2000:]
     got, got_table = data_objects(str(out))
     want, want_table = data_objects(str(tmp_path / "ref"))
     assert sorted(got) == sorted(want)

@@ -31,15 +31,16 @@ from activation_store import ShuffledReader
 from activation_store.store import ActivationStore, ImageRecord, StoreConfig
 from activation_store.sae.trainer import TrainerConfig, train
 from activation_store.sae.evaluate import EvalConfig, evaluate
-from activation_store.sae.io import export_saelens, load_sae
+from activation_store.sae import export_saelens, load_sae
 s = ActivationStore.create({str(tmp_path / "s")!r}, locations="resid_0", n_tokens=5, d_model=8,
                            config=StoreConfig(dtype="fp16", chunk_images=8, region_images=8))
 s.plan_shards([("a", 64)])
 with s.writer("a") as w:
     w.add({{"resid_0": np.random.default_rng(0).standard_normal((64, 5, 8)).astype(np.float32)}},
           [ImageRecord(str(i)) for i in range(64)])
-r = train(TrainerConfig(store=s.url, location="resid_0", out={str(tmp_path / "run")!r}, n_latents=32, k=2,
-                        batch_size=32, total_tokens=640, warmup_tokens=0, holdout=0.25, buffer_tokens=64, threads=1))
+r = train(TrainerConfig(store=s.url, out={str(tmp_path / "run")!r}, total_tokens=640, warmup_tokens=0,
+                        reader={{"location": "resid_0", "batch_size": 32, "holdout": 0.25, "buffer_tokens": 64,
+                                "threads": 1}}, sae={{"n_latents": 32, "k": 2}}))
 m = evaluate(EvalConfig(sae={str(tmp_path / "run")!r}, out={str(tmp_path / "eval")!r}, top_n=1, min_images=1))
 assert m["eval_images"] > 0
 assert not any(n.startswith(("open_clip", "activation_store.harvest")) for n in sys.modules)

@@ -139,7 +139,7 @@ def test_b_dec_starts_at_the_geometric_median():
 
 def test_folding_the_normaliser_and_saelens_export_round_trip(tmp_path):
     from activation_store.readers import Normalizer
-    from activation_store.sae.io import export_saelens, fold_normalizer, load_sae
+    from activation_store.sae import export_saelens, load_sae
     from activation_store.store.stats import Moments
 
     torch.manual_seed(0)
@@ -152,7 +152,7 @@ def test_folding_the_normaliser_and_saelens_export_round_trip(tmp_path):
     for mode in ("standardize", "unit_mean_sq_norm"):
         norm = Normalizer.from_moments(mode, moments)
         want = norm.inverse(sae(norm.apply(x)))
-        torch.testing.assert_close(fold_normalizer(sae, norm)(x), want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(sae.folded(norm)(x), want, rtol=1e-4, atol=1e-4)
         folder = export_saelens(sae, tmp_path / mode, norm, hook_name="resid_22")
         cfg = __import__("json").loads((folder / "cfg.json").read_text())
         assert cfg["d_in"] == 12 and cfg["d_sae"] == 48 and cfg["k"] == 3 and cfg["normalize_activations"] == "none"

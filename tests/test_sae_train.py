@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -44,15 +43,13 @@ def rows_store(path, x, tokens):
 
 def test_trainer_recovers_a_planted_dictionary(tmp_path):
     feats = planted_store(tmp_path / "s")
-    cfg = TrainerConfig(store=str(tmp_path / "s"), location="resid_0", out=str(tmp_path / "run"), n_latents=512, k=4,
-                        batch_size=256, total_tokens=600_000, lr=4e-3, warmup_tokens=5000, normalize="none",
-                        dead_tokens=20_000, checkpoint_every_tokens=10**9, buffer_tokens=8192, threads=2)
+    cfg = TrainerConfig(store=str(tmp_path / "s"), out=str(tmp_path / "run"), total_tokens=600_000, lr=4e-3, warmup_tokens=5000, dead_tokens=20_000, checkpoint_every_tokens=10**9, reader={"location": "resid_0", "batch_size": 256, "normalize": "none", "buffer_tokens": 8192, "threads": 2}, sae={"n_latents": 512, "k": 4})
     result = train(cfg)
     w = load_file(os.path.join(result["checkpoint"], "sae.safetensors"))["W_dec"].numpy()
     w /= np.linalg.norm(w, axis=1, keepdims=True)
     assert (feats @ w.T).max(axis=1).mean() >= 0.95
     assert result["last"]["l0"] == 4
-    from activation_store.sae.io import load_sae
+    from activation_store.sae import load_sae
 
     torch.testing.assert_close(load_sae(result["checkpoint"]).W_dec.detach(),
                                load_file(os.path.join(result["checkpoint"], "sae.safetensors"))["W_dec"])
@@ -73,16 +70,11 @@ def test_sigkill_mid_training_then_rerun_gives_the_uninterrupted_weights(tmp_pat
     subprocess.run(_train_cmd(tmp_path / "s", tmp_path / "ref"), check=True, capture_output=True, env=env)
 
     out = tmp_path / "run"
-    proc = subprocess.Popen(_train_cmd(tmp_path / "s", out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        done = list((out / "checkpoints").glob("[0-9]*")) if (out / "checkpoints").exists() else []
-        if len(done) >= 2:
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    # killed at a fixed step (300 of 938), after two checkpoints (every 125 steps) and between two
+    killed = subprocess.run(_train_cmd(tmp_path / "s", out), capture_output=True,
+                            env=dict(env, ACTSTORE_KILL_AT="train_step:300"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert [p.name for p in sorted((out / "checkpoints").glob("[0-9]*"))] == ["0000000016000", "0000000032000"]
     rerun = subprocess.run(_train_cmd(tmp_path / "s", out), capture_output=True, text=True, env=env)
     assert rerun.returncode == 0 and "resumed from" in rerun.stdout
     final = sorted((out / "checkpoints").glob("[0-9]*"))[-1]
@@ -129,10 +121,7 @@ def test_auxk_lowers_the_dead_fraction_on_data_built_to_kill_latents(tmp_path):
     latent_killing_store(tmp_path / "s")
     runs = {}
     for coef in (0.0, 1 / 32):
-        cfg = TrainerConfig(store=str(tmp_path / "s"), location="resid_0", out=str(tmp_path / f"run-{coef}"),
-                            n_latents=256, k=1, batch_size=256, total_tokens=384_000, lr=1e-3, warmup_tokens=2560,
-                            normalize="none", auxk_coef=coef, dead_tokens=20_000, holdout=0,
-                            checkpoint_every_tokens=10**9, buffer_tokens=8192, threads=2)
+        cfg = TrainerConfig(store=str(tmp_path / "s"), out=str(tmp_path / f"run-{coef}"), total_tokens=384_000, lr=1e-3, warmup_tokens=2560, auxk_coef=coef, dead_tokens=20_000, checkpoint_every_tokens=10**9, reader={"location": "resid_0", "batch_size": 256, "normalize": "none", "holdout": 0, "buffer_tokens": 8192, "threads": 2}, sae={"n_latents": 256, "k": 1})
         train(cfg)
         runs[coef] = [json.loads(line) for line in open(tmp_path / f"run-{coef}" / "metrics.jsonl")]
     without, with_auxk = runs[0.0], runs[1 / 32]
@@ -147,17 +136,14 @@ def test_auxk_lowers_the_dead_fraction_on_data_built_to_kill_latents(tmp_path):
 def test_bf16_autocast_trains_with_float32_weights(tmp_path):
     """`autocast="auto"` turns bf16 autocast on for CUDA; "bf16" forces the same code path here."""
     planted_store(tmp_path / "s", n_samples=8192, d=32, n_features=64)
-    cfg = TrainerConfig(store=str(tmp_path / "s"), location="resid_0", out=str(tmp_path / "run"), n_latents=128, k=4,
-                        batch_size=256, total_tokens=60_000, lr=3e-3, warmup_tokens=1000, normalize="none",
-                        dead_tokens=2_000, checkpoint_every_tokens=10**9, buffer_tokens=4096, threads=2,
-                        autocast="bf16", log_every_steps=10)
+    cfg = TrainerConfig(store=str(tmp_path / "s"), out=str(tmp_path / "run"), total_tokens=60_000, lr=3e-3, warmup_tokens=1000, dead_tokens=2_000, checkpoint_every_tokens=10**9, autocast="bf16", log_every_steps=10, reader={"location": "resid_0", "batch_size": 256, "normalize": "none", "buffer_tokens": 4096, "threads": 2}, sae={"n_latents": 128, "k": 4})
     result = train(cfg)
     weights = load_file(os.path.join(result["checkpoint"], "sae.safetensors"))
     assert all(w.dtype == torch.float32 for w in weights.values())
     logged = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert logged[-1]["nmse"] < 0.5 * logged[0]["nmse"] and logged[-1]["l0"] == 4
     with pytest.raises(ConfigError, match="autocast"):
-        TrainerConfig(store="s", location="l", out="o", autocast="fp8").autocast_context()
+        TrainerConfig(store="s", out="o", autocast="fp8", reader={"location": "l"}).autocast_context()
 
 
 def test_train_reads_a_config_file_and_flags_override_it(tmp_path, capsys):
@@ -165,14 +151,15 @@ def test_train_reads_a_config_file_and_flags_override_it(tmp_path, capsys):
 
     planted_store(tmp_path / "s", n_samples=4096, d=16, n_features=32)
     cfg = tmp_path / "train.toml"
-    cfg.write_text(f'[train]\nstore = "{tmp_path / "s"}"\nlocation = "resid_0"\nout = "{tmp_path / "run"}"\n'
-                   'n_latents = 64\nk = 3\nbatch_size = 128\ntotal_tokens = 100000\nwarmup_tokens = 0\n'
-                   'normalize = "none"\nbuffer_tokens = 2048\n')
+    cfg.write_text(f'[train]\nstore = "{tmp_path / "s"}"\nout = "{tmp_path / "run"}"\n'
+                   'total_tokens = 100000\nwarmup_tokens = 0\n'
+                   '[train.reader]\nlocation = "resid_0"\nbatch_size = 128\nnormalize = "none"\nbuffer_tokens = 2048\n'
+                   '[train.sae]\nn_latents = 64\nk = 3\n')
     assert main(["train", "--config", str(cfg), "--total-tokens", "2560", "--k", "2"]) == 0
     final = sorted((tmp_path / "run" / "checkpoints").glob("[0-9]*"))[-1]
     saved = json.loads((final / "config.json").read_text())
     assert saved["sae"]["n_latents"] == 64 and saved["sae"]["k"] == 2  # file, then the flag
-    assert saved["trainer"]["total_tokens"] == 2560 and saved["trainer"]["normalize"] == "none"
+    assert saved["trainer"]["total_tokens"] == 2560 and saved["trainer"]["reader"]["normalize"] == "none"
 
     cfg.write_text('[train]\nlatent = 64\n')
     capsys.readouterr()
@@ -180,3 +167,27 @@ def test_train_reads_a_config_file_and_flags_override_it(tmp_path, capsys):
     assert "unknown keys ['latent']" in capsys.readouterr().err
     assert main(["train", str(tmp_path / "s"), "--out", str(tmp_path / "r2")]) == 2
     assert "training needs location" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("normalize", ["standardize", "unit_mean_sq_norm"])
+def test_a_loaded_checkpoint_takes_raw_store_rows(tmp_path, normalize):
+    """load_sae / from_pretrained on a run give an SAE on raw activations: equal to normalise -> the
+    SAE as trained -> inverse, within 1e-5 relative; normalized=True gives the trained-space SAE."""
+    from activation_store.sae import TopKSAE, load_sae
+    from activation_store.store import open_store
+
+    planted_store(tmp_path / "s", n_samples=4096, d=16, n_features=32)
+    run = tmp_path / "run"
+    train(TrainerConfig(store=str(tmp_path / "s"), out=str(run), total_tokens=6400, warmup_tokens=0,
+                        reader={"location": "resid_0", "batch_size": 128, "normalize": normalize, "holdout": 0,
+                                "buffer_tokens": 2048, "threads": 1}, sae={"n_latents": 64, "k": 3}))
+    raw = torch.from_numpy(open_store(str(tmp_path / "s")).read_rows("resid_0").reshape(-1, 16))
+    trained = load_sae(run, normalized=True)
+    assert trained.input_space == "normalized" and trained.normalizer.mode == normalize
+    want = trained.normalizer.inverse(trained(trained.normalizer.apply(raw)))
+    for sae in (load_sae(run), TopKSAE.from_pretrained(str(run))):
+        assert sae.input_space == "raw"
+        with torch.no_grad():
+            got = sae(raw)
+        assert float((got - want).norm() / want.norm()) <= 1e-5
+    assert float((trained(raw) - want).norm() / want.norm()) > 1e-2, "the trained-space SAE must differ on raw rows"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from activation_store.errors import ConfigError
 from activation_store.harvest.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, LoadedViT, ModelConfig, preprocess_pil
 
 
@@ -19,7 +20,7 @@ class ConfiguredViT:
                  pretrained: str = DEFAULT_PRETRAINED, dtype: str = "fp32", seed: int = 0) -> None:
         self.locations = [(int(layer), str(kind)) for layer, kind in locations]
         if any(kind != "resid" for _, kind in self.locations):
-            raise ValueError(f"only 'resid' locations exist, got {self.locations}")
+            raise ConfigError(f"only 'resid' locations exist, got {self.locations}")
         self.device = device
         self.vit = LoadedViT(ModelConfig(model=model_name, pretrained=pretrained, device=device, compute_dtype=dtype,
                                          seed=seed), [layer for layer, _ in self.locations])

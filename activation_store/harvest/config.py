@@ -1,11 +1,11 @@
-"""The harvest's typed configuration, loadable from TOML or YAML and overridden by CLI flags."""
+"""The harvest's typed configuration (HarvestConfig, with the model's, the store's and the
+downloader's nested), loadable from TOML or YAML and overridden by CLI flags derived from it."""
 
 from __future__ import annotations
 
-import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
-from activation_store.config_file import read_config_file
+from activation_store.configs import as_dict, option
 from activation_store.errors import ConfigError
 from activation_store.harvest.model import ModelConfig
 from activation_store.store.config import StoreConfig
@@ -18,49 +18,53 @@ DEFAULT_LAYERS = "2,5,8,11,14,17,20,22"
 class DownloadConfig:
     """img2dataset settings for `--urls` sources."""
 
-    work_dir: str | None = None  # where the webdataset shards go (default: beside the store)
-    url_col: str = "url"
-    caption_col: str | None = "caption"
-    number_sample_per_shard: int = 1000
-    processes_count: int = 2
-    thread_count: int = 16
-    timeout: int = 10
-    retries: int = 0
-    resize_mode: str = "no"  # keep originals: open_clip's own preprocessing runs in the harvest
+    work_dir: str | None = option(None, help="where img2dataset writes shards (default: beside the store)",
+                                  flag="--download-dir")
+    url_col: str = option("url", help="URL column of the list")
+    caption_col: str | None = option("caption", help="caption column of the list")
+    number_sample_per_shard: int = option(1000, help="URLs per input shard", flag="--urls-per-shard")
+    processes_count: int = option(2, help="img2dataset processes", flag="--download-processes")
+    thread_count: int = option(16, help="img2dataset threads per process", flag="--download-threads")
+    timeout: int = option(10, help="seconds per download")
+    retries: int = option(0, help="download retries")
+    # keep originals: open_clip's own preprocessing runs in the harvest
+    resize_mode: str = option("no", help="img2dataset resize mode (no: keep the original bytes)")
+
+    def __post_init__(self) -> None:
+        for name in ("number_sample_per_shard", "processes_count", "thread_count", "timeout"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"download {name} must be >= 1, got {getattr(self, name)}")
+
+
+def _layers(value) -> list[int]:
+    return [loc.layer for loc in parse_locations(value)]
 
 
 @dataclass
 class HarvestConfig:
-    out: str = ""
-    urls: str | None = None
-    shards: str | None = None
-    images: str | None = None
-    layers: list[int] = field(default_factory=lambda: [loc.layer for loc in parse_locations(DEFAULT_LAYERS)])
-    model: ModelConfig = field(default_factory=ModelConfig)
-    store: StoreConfig = field(default_factory=StoreConfig)
-    download: DownloadConfig = field(default_factory=DownloadConfig)
-    batch_size: int = 64
-    workers: int = 4  # decode processes; 0 decodes in the main process
-    shard_size: int = 1000  # images per input shard for image folders
-    min_image_size: int = 2  # images smaller than this (either side) are dropped as too_small
-    rank: int | None = None
-    world_size: int | None = None
-    storage_options: dict = field(default_factory=dict)
-    report: str | None = None  # JSON report path (default: beside a local store, else the cwd)
-    progress: bool = True
-    wait_for_plan_s: float = 600.0  # ranks > 0 wait this long for rank 0 to plan the store
+    out: str | None = option(None, help="the store (local path or s3://...); created, or resumed if it exists")
+    urls: str | None = option(None, help="parquet or csv URL list (url and caption columns), downloaded with "
+                              "img2dataset")
+    shards: str | None = option(None, help="webdataset tars: a path, URL or brace pattern (data/{00000..00099}.tar)")
+    images: str | None = option(None, help="a folder of images (searched recursively)")
+    layers: list[int] = option(default_factory=lambda: _layers(DEFAULT_LAYERS), parse=_layers,
+                               help="0-indexed blocks to store")
+    model: ModelConfig = option(default_factory=ModelConfig, help="the ViT")
+    store: StoreConfig = option(default_factory=StoreConfig, help="the store's layout", prefix="store-")
+    download: DownloadConfig = option(default_factory=DownloadConfig, help="img2dataset", prefix="download-")
+    batch_size: int = option(64, help="images per forward pass")
+    workers: int = option(4, help="decode processes (0 decodes in this process)")
+    shard_size: int = option(1000, help="images per input shard for --images")
+    min_image_size: int = option(2, help="drop images smaller than this many pixels on a side")
+    rank: int | None = option(None, help="this process's rank (default $RANK or $SLURM_PROCID or 0)")
+    world_size: int | None = option(None, help="number of processes (default $WORLD_SIZE or $SLURM_NTASKS or 1)")
+    storage_options: dict = option(default_factory=dict, help="fsspec options", cli=False)
+    report: str | None = option(None, help="JSON report path ({rank} is replaced; default beside the store)")
+    progress: bool = option(True, help="show a progress bar")
+    wait_for_plan_s: float = option(600.0, help="ranks > 0 wait this long for rank 0 to plan the store")
 
     def __post_init__(self) -> None:
-        if isinstance(self.layers, str):
-            self.layers = [loc.layer for loc in parse_locations(self.layers)]
-        if isinstance(self.model, dict):
-            self.model = ModelConfig(**self.model)
-        if isinstance(self.store, dict):
-            self.store = StoreConfig(**self.store)
-        if isinstance(self.download, dict):
-            self.download = DownloadConfig(**self.download)
-
-    def validate(self) -> None:
+        self.layers = _layers(self.layers)
         given = [k for k in ("urls", "shards", "images") if getattr(self, k)]
         if len(given) != 1:
             raise ConfigError("give exactly one source: --urls FILE, --shards PATTERN or --images DIR")
@@ -76,45 +80,6 @@ class HarvestConfig:
     def to_dict(self) -> dict:
         """For the store's `harvest_config` attribute: storage options may hold credentials, so only
         their names are kept."""
-        d = asdict(self)
+        d = as_dict(self)
         d["storage_options"] = sorted(self.storage_options)
         return d
-
-
-def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """Explicit values win; else torchrun's RANK/WORLD_SIZE; else SLURM's; else a single process."""
-    env = os.environ
-    if rank is None:
-        rank = int(env.get("RANK", env.get("SLURM_PROCID", 0)))
-    if world_size is None:
-        world_size = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
-    if not 0 <= rank < world_size:
-        raise ConfigError(f"rank {rank} is not in [0, world size {world_size})")
-    return rank, world_size
-
-
-def load_config_file(path: str) -> dict:
-    """A TOML or YAML file with the HarvestConfig's fields (nested tables for model/store/download)."""
-    return read_config_file(path, "harvest", HarvestConfig)
-
-
-def build_config(file_values: dict, overrides: dict) -> HarvestConfig:
-    """Merge a config file's values with CLI overrides (flags win; nested keys as 'model.seed')."""
-    merged: dict = {k: (dict(v) if isinstance(v, dict) else v) for k, v in file_values.items()}
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        if "." in key:
-            section, name = key.split(".", 1)
-            merged.setdefault(section, {})
-            if not isinstance(merged[section], dict):
-                merged[section] = asdict(merged[section])
-            merged[section][name] = value
-        else:
-            merged[key] = value
-    try:
-        cfg = HarvestConfig(**merged)
-    except TypeError as exc:
-        raise ConfigError(f"bad harvest configuration: {exc}") from exc
-    cfg.validate()
-    return cfg

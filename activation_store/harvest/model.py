@@ -6,44 +6,39 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from activation_store.errors import ActivationStoreError, ConfigError
+from activation_store.configs import check_choice, comma_list, option
+from activation_store.errors import ConfigError, ModelError, PretrainedUnavailableError
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_MODEL = "ViT-L-14"
 DEFAULT_PRETRAINED = "laion2b_s32b_b82k"
 
 
-class ModelError(ActivationStoreError):
-    """The model cannot be built or does not fit the request (not a ViT, layer out of range, ...)."""
-
-
-class PretrainedUnavailableError(ModelError):
-    """Pretrained weights could not be loaded (offline, missing file, unknown tag)."""
-
-
 @dataclass
 class ModelConfig:
     """Which ViT, which weights, which preprocessing, which compute dtype."""
 
-    model: str = DEFAULT_MODEL  # an open_clip name, 'local-dir:PATH', 'hf-hub:ORG/REPO', or a config .json
-    pretrained: str = DEFAULT_PRETRAINED  # a tag, 'none' (random weights), or a weights file
-    seed: int = 0  # random weights only
-    mean: tuple[float, float, float] | None = None  # preprocessing override (required with a weights file)
-    std: tuple[float, float, float] | None = None
-    preprocess_tag: str | None = None  # copy the preprocessing of this pretrained tag (weights file only)
-    compute_dtype: str = "fp32"
-    device: str = "cpu"
-    extra: dict = field(default_factory=dict)
+    model: str = option(DEFAULT_MODEL, help="open_clip model name, local-dir:PATH, hf-hub:ORG/REPO, or a model-config "
+                        ".json")
+    pretrained: str = option(DEFAULT_PRETRAINED, help="pretrained tag, a weights file, or none for random weights")
+    seed: int = option(0, help="seed of random weights (--pretrained none)")
+    mean: tuple[float, float, float] | None = option(None, parse=comma_list(float),
+                                                     help="preprocessing mean R,G,B (needed with a weights file)")
+    std: tuple[float, float, float] | None = option(None, parse=comma_list(float),
+                                                    help="preprocessing std R,G,B (needed with a weights file)")
+    preprocess_tag: str | None = option(None, help="with a weights file: use this pretrained tag's preprocessing")
+    compute_dtype: str = option("fp32", flag="--dtype", choices=tuple(COMPUTE_DTYPES), help="compute dtype of the ViT")
+    device: str = option("cpu", help="cpu, cuda, cuda:1 ...")
+    extra: dict = option(default_factory=dict, help="unused; kept so that older config files still load", cli=False)
 
     def __post_init__(self) -> None:
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ConfigError(f"compute dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
+        check_choice("compute dtype", self.compute_dtype, COMPUTE_DTYPES)
         for name in ("mean", "std"):
             v = getattr(self, name)
             if v is not None:

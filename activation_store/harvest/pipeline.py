@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from activation_store.faults import kill_point
 from activation_store.harvest.decode import Decoded, decode_image
 from activation_store.harvest.model import LoadedViT
 from activation_store.harvest.sources import InputShard, Sample
@@ -290,6 +291,7 @@ class ShardRunner:
             a = acts[li]
             arrays[loc] = (a.view(torch.int16).numpy().view(np.uint16) if a.dtype == torch.bfloat16 else a.numpy())
         writer.add(arrays, records, moments=moments)
+        kill_point("harvest_batch")  # crash tests: die with the batch handed over, the shard uncommitted
         self.bytes_written += sum(a.nbytes for a in arrays.values())
         now = time.perf_counter()
         if self._t_first is None:

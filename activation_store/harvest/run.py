@@ -10,17 +10,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from activation_store import __version__
-from activation_store.errors import ActivationStoreError, StoreNotFoundError
-from activation_store.harvest.config import HarvestConfig, resolve_rank
+from activation_store._version import __version__
+from activation_store.distributed import resolve_rank
+from activation_store.errors import DistributedError, StoreMismatchError, StoreNotFoundError
+from activation_store.harvest.config import HarvestConfig
 from activation_store.harvest.model import LoadedViT
 from activation_store.harvest.pipeline import DecodePool, ShardRunner
 from activation_store.harvest.sources import InputShard, folder_shards, webdataset_shards
 from activation_store.store import ActivationStore, open_store
-
-
-class StoreMismatchError(ActivationStoreError):
-    """Resuming or appending to a store with a different model, weights, preprocessing or layout."""
 
 
 def resolve_sources(cfg: HarvestConfig, rank: int, world: int) -> tuple[list[InputShard], object | None]:
@@ -81,7 +78,7 @@ def open_or_create_store(cfg: HarvestConfig, model: LoadedViT, shards: list[Inpu
         except StoreNotFoundError:
             pass
         if time.monotonic() > deadline:
-            raise ActivationStoreError(
+            raise DistributedError(
                 f"rank {rank}: rank 0 has not created and planned {cfg.out} within {cfg.wait_for_plan_s:.0f} s; "
                 f"start rank 0 too, with the same inputs"
             )
@@ -96,7 +93,6 @@ def default_report_path(cfg: HarvestConfig, rank: int) -> str:
 
 
 def harvest(cfg: HarvestConfig) -> dict:
-    cfg.validate()
     rank, world = resolve_rank(cfg.rank, cfg.world_size)
     t_start = time.perf_counter()
     shards, downloader = resolve_sources(cfg, rank, world)

@@ -7,9 +7,8 @@ planned), and yields its samples in a fixed order, so a rerun stores the same ro
 from __future__ import annotations
 
 import json
-import os
 import re
-import tarfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +17,7 @@ import fsspec
 
 from activation_store.errors import ConfigError
 from activation_store.harvest.decode import TRUNCATED_TAR
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+from activation_store.tar_shards import IMAGE_EXTENSIONS, TarSamples, expand_braces, image_of
 
 
 @dataclass
@@ -87,43 +85,25 @@ def _folder_reader(base: Path, files: list[Path], offset: int):
 
 
 # ---------------------------------------------------------------------------- webdataset
-def expand_braces(pattern: str) -> list[str]:
-    """`shard-{000..003}.tar` -> 4 names (zero padding kept); `{a,b}` alternatives; nested fine."""
-    m = re.search(r"\{([^{}]*)\}", pattern)
-    if not m:
-        return [pattern]
-    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end():]
-    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if rng:
-        a, b = rng.group(1), rng.group(2)
-        width = len(a) if a.startswith("0") else 0
-        options = [str(i).zfill(width) for i in range(int(a), int(b) + 1)]
-    else:
-        options = body.split(",")
-    return [x for opt in options for x in expand_braces(head + opt + tail)]
-
-
 def webdataset_shards(pattern: str, storage_options: dict | None = None) -> list[InputShard]:
+    """One input shard per tar of a brace pattern (`data-{000..099}.tar`, local or any fsspec URL)."""
     urls = expand_braces(pattern)
+    repeated = sorted(u for u, n in Counter(urls).items() if n > 1)
+    if repeated:
+        raise ConfigError(f"shard pattern {pattern} names {repeated} more than once")
     shards = []
     for url in urls:
         fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
         if not fs.exists(path):
             raise ConfigError(f"webdataset shard {url} does not exist")
-        shards.append(InputShard(url, _tar_capacity(fs, path), _tar_reader(fs, path, url)))
+        shards.append(InputShard(url, _tar_capacity(fs, path, url, storage_options),
+                                 _tar_reader(url, storage_options)))
     return shards
 
 
-def _split_key(name: str) -> tuple[str, str]:
-    """webdataset convention: the key is the path up to the first dot of the file name."""
-    directory, base = os.path.split(name)
-    stem, _, ext = base.partition(".")
-    return (f"{directory}/{stem}" if directory else stem), ext.lower()
-
-
-def _tar_capacity(fs, path: str) -> int:
-    """Samples with an image in the tar: from img2dataset's sidecar parquet when present, else by
-    reading the tar's headers."""
+def _tar_capacity(fs, path: str, url: str, storage_options: dict | None) -> int:
+    """Samples in the tar: from img2dataset's sidecar parquet when present, else by reading the
+    tar's headers (a truncated tar: its readable samples and the truncation, as the reader yields)."""
     side = re.sub(r"\.tar$", ".parquet", path)
     if side != path and fs.exists(side):
         import pyarrow.parquet as pq
@@ -131,57 +111,29 @@ def _tar_capacity(fs, path: str) -> int:
         with fs.open(side, "rb") as f:
             table = pq.read_table(f, columns=["status"])
         return max(1, sum(1 for s in table["status"].to_pylist() if s == "success"))
-    keys = set()
-    try:
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            for member in tar:
-                if member.isfile():
-                    keys.add(_split_key(member.name)[0])
-    except (tarfile.TarError, EOFError, OSError):
-        pass  # a truncated tar: its readable part is counted; the reader reports the truncation
-    return max(1, len(keys))
+    tar = TarSamples(url, storage_options, keys_only=True)
+    n = sum(1 for _ in tar)
+    return max(1, n + (1 if tar.truncated is not None else 0))
 
 
-def _tar_reader(fs, path: str, url: str):
+def _tar_reader(url: str, storage_options: dict | None):
     def read() -> Iterator[Sample]:
-        row = 0
-        current: dict | None = None
-
-        def emit(group: dict) -> Sample:
-            nonlocal row
+        tar = TarSamples(url, storage_options)
+        row = -1
+        for row, sample in enumerate(tar):
             meta = {}
-            if "json" in group:
+            if "json" in sample.files:
                 try:
-                    meta = json.loads(group["json"])
+                    meta = json.loads(sample.files["json"])
                 except (ValueError, UnicodeDecodeError):
                     meta = {}
-            image = next((group[e] for e in IMAGE_EXTENSIONS if e in group), None)
             caption = meta.get("caption")
-            if caption is None and "txt" in group:
-                caption = group["txt"].decode("utf-8", errors="replace")
-            sample = Sample(group["__key__"], image, row, url=meta.get("url"), caption=caption)
-            row += 1
-            return sample
-
-        try:
-            with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    key, ext = _split_key(member.name)
-                    if current is not None and current["__key__"] != key:
-                        yield emit(current)  # complete: the next sample's first file has begun
-                        current = None
-                    if current is None:
-                        current = {"__key__": key}
-                    current[ext] = tar.extractfile(member).read()
-        except (tarfile.TarError, EOFError, OSError) as exc:
+            if caption is None and "txt" in sample.files:
+                caption = sample.files["txt"].decode("utf-8", errors="replace")
+            yield Sample(sample.key, image_of(sample.files), row, url=meta.get("url"), caption=caption)
+        if tar.truncated is not None:
             # the sample being read may be incomplete: it is lost with the rest of the tar
-            yield Sample(f"{url}:truncated", None, row, status=TRUNCATED_TAR,
-                         error=f"{type(exc).__name__}: {exc}; later samples of this tar are lost")
-            return
-        if current is not None:
-            yield emit(current)
+            yield Sample(f"{url}:truncated", None, row + 1, status=TRUNCATED_TAR,
+                         error=f"{tar.truncated}; later samples of this tar are lost")
 
     return read
-

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,9 +20,10 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from activation_store.errors import ActivationStoreError, ConfigError
-from activation_store.harvest.decode import DOWNLOAD_ERROR
-from activation_store.harvest.sources import IMAGE_EXTENSIONS, InputShard, Sample, _split_key
+from activation_store.errors import ConfigError, SourceError
+from activation_store.harvest.decode import DOWNLOAD_ERROR, TRUNCATED_TAR
+from activation_store.harvest.sources import InputShard, Sample
+from activation_store.tar_shards import TarSamples, image_of
 
 
 def read_url_list(path: str, url_col: str, caption_col: str | None) -> pa.Table:
@@ -57,7 +57,7 @@ class UrlDownloader:
         out = []
         for i, name in enumerate(self.names):
             j = self.mine.index(i) if i in self.mine else None
-            out.append(InputShard(name, self.capacity[i], self._reader(j)))
+            out.append(InputShard(name, self.capacity[i], self._reader(i, j)))
         return out
 
     def start(self, todo: list[str]) -> None:
@@ -88,15 +88,16 @@ class UrlDownloader:
         self.proc = subprocess.Popen([sys.executable, "-m", "activation_store.harvest.download_job", str(job_file)],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
-    def _reader(self, j: int | None):
+    def _reader(self, i: int, j: int | None):
         def read() -> Iterator[Sample]:
             if j is None:
-                raise ActivationStoreError("this input shard belongs to another rank")
+                raise SourceError(f"input shard {self.names[i]} belongs to rank {i % self.world}, not to rank "
+                                  f"{self.rank}: only its own rank downloads it")
             stem = self.work / "shards" / f"{j:05d}"
             stats = Path(f"{stem}_stats.json")
             while not stats.exists():
                 if self.proc is not None and self.proc.poll() is not None and not stats.exists():
-                    raise ActivationStoreError(
+                    raise SourceError(
                         f"img2dataset stopped (exit {self.proc.returncode}) before shard {stem.name} was done; "
                         f"see {self.work / 'img2dataset.log'}"
                     )
@@ -128,22 +129,22 @@ class UrlDownloader:
 
 def _shard_samples(stem: Path) -> Iterator[Sample]:
     """Every URL of one img2dataset shard in input order: downloaded ones with their bytes, failed
-    ones as download_error samples."""
+    ones as download_error samples, downloaded ones a damaged tar lost as truncated_tar samples."""
     meta = pq.read_table(f"{stem}.parquet").to_pylist()
     files: dict[str, dict[str, bytes]] = {}
+    lost = None
     tar_path = f"{stem}.tar"
     if os.path.exists(tar_path):
-        with tarfile.open(tar_path) as tar:
-            for member in tar:
-                if member.isfile():
-                    key, ext = _split_key(member.name)
-                    files.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        tar = TarSamples(tar_path)
+        files = {sample.key: sample.files for sample in tar}
+        lost = tar.truncated
     for row, m in enumerate(sorted(meta, key=lambda m: m["key"])):
         key = m["key"]
         if m.get("status") != "success":
             yield Sample(key, None, row, url=m.get("url"), caption=m.get("caption"), status=DOWNLOAD_ERROR,
                          error=m.get("error_message") or m.get("status"))
-            continue
-        group = files.get(key, {})
-        image = next((group[e] for e in IMAGE_EXTENSIONS if e in group), None)
-        yield Sample(key, image, row, url=m.get("url"), caption=m.get("caption"))
+        elif key not in files and lost is not None:
+            yield Sample(key, None, row, url=m.get("url"), caption=m.get("caption"), status=TRUNCATED_TAR,
+                         error=f"{tar_path}: {lost}")
+        else:
+            yield Sample(key, image_of(files.get(key, {})), row, url=m.get("url"), caption=m.get("caption"))

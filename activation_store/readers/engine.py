@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from activation_store.errors import ConfigError
+from activation_store.readers.config import ReaderConfig
 from activation_store.readers.normalize import Normalizer
 from activation_store.readers.selection import TokenSelection
-from activation_store.store import layout
+from activation_store.store import ChunkRef
 from activation_store.store.encoding import physical_dtype
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -29,48 +28,17 @@ _STORAGE_VIEW = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.fl
 _RAW_TORCH = {"fp16": torch.float16, "bf16": torch.int16, "fp32": torch.float32}  # same bits as storage
 
 
-@dataclass(frozen=True)
-class Unit:
-    """One chunk to read: `n_rows` committed images starting at array row `row_start`."""
-
-    array_key: str
-    index: int
-    row_start: int
-    n_rows: int
-    rows_per_chunk: int
-
-
-def list_units(store, location: str, sel: TokenSelection, shard_ids: list[int] | None = None) -> list[Unit]:
-    """Committed chunks of a location in store order (of the given shards only, when given)."""
-    shards = [s for s in store.committed_shards() if shard_ids is None or s.index in shard_ids]
-    key = layout.cls_array_key(location) if sel.cls_only else layout.array_key(location)
-    per = store.region_images if sel.cls_only else store.chunk_images
-    units = []
-    for s in shards:
-        for start in range(s.row_start, s.row_stop, per):
-            units.append(Unit(key, start // per, start, min(start + per, s.row_stop) - start, per))
-    return units
-
-
 class Engine:
     """Iterates batches for one epoch plan; see the module docstring."""
 
-    def __init__(self, store, location: str, sel: TokenSelection, *, batch_size: int, buffer_tokens: int,
-                 seed: int, rank: int, world_size: int, shuffle: bool, drop_last: bool, dtype: str,
-                 device: str, normalizer: Normalizer, return_ids: bool, threads: int,
-                 split: tuple[str, float] | None = None) -> None:
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-        if dtype not in TORCH_DTYPES:
-            raise ConfigError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
-        if not 0 <= rank < world_size:
-            raise ConfigError(f"rank {rank} is not in [0, {world_size})")
-        self.store, self.location, self.sel = store, location, sel
-        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world_size
-        self.shuffle, self.drop_last, self.return_ids = shuffle, drop_last, return_ids
-        if split is not None and (split[0] not in ("train", "eval") or not 0 < split[1] < 1):
-            raise ConfigError(f"split must be ('train' or 'eval', holdout fraction in (0, 1)), got {split}")
-        self.split = split
+    def __init__(self, store, cfg: ReaderConfig, sel: TokenSelection, normalizer: Normalizer, rank: int,
+                 world_size: int) -> None:
+        self.store, self.location, self.sel = store, cfg.location, sel
+        self.batch_size, self.seed, self.rank, self.world = cfg.batch_size, cfg.seed, rank, world_size
+        self.shuffle, self.drop_last, self.return_ids = cfg.shuffle, cfg.drop_last, cfg.return_ids
+        self.split = None if cfg.split == "all" else (cfg.split, cfg.holdout)
+        dtype, device, buffer_tokens, threads = cfg.dtype, cfg.device, cfg.buffer_tokens, cfg.threads
+        batch_size = cfg.batch_size
         self.out_dtype = TORCH_DTYPES[dtype]
         self.device = torch.device(device)
         self.normalizer = normalizer
@@ -97,7 +65,7 @@ class Engine:
         self.token_index = sel.token_index()
 
     # ------------------------------------------------------------------ the plan
-    def plan(self, epoch: int, units: list[Unit]) -> dict:
+    def plan(self, epoch: int, units: list[ChunkRef]) -> dict:
         """This rank's windows for an epoch, and how many batches it yields."""
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(units))
@@ -134,24 +102,24 @@ class Engine:
         h = ((rows.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)).astype(np.float64) / 2**24
         return (h < holdout) if name == "eval" else (h >= holdout)
 
-    def _rows_in_split(self, unit: Unit) -> int:
+    def _rows_in_split(self, unit: ChunkRef) -> int:
         if self.split is None:
             return unit.n_rows
         return int(self._in_split(np.arange(unit.row_start, unit.row_start + unit.n_rows)).sum())
 
     # ------------------------------------------------------------------ loading a window
-    def _slot_tokens(self, unit: Unit) -> int:
+    def _slot_tokens(self, unit: ChunkRef) -> int:
         """Whole chunks land as they are stored (padding included); selected tokens are packed."""
         return self.unit_tokens if self.sel.indices is None else unit.n_rows * self.sel.per_image
 
-    def _staging(self, unit: Unit) -> np.ndarray:
+    def _staging(self, unit: ChunkRef) -> np.ndarray:
         shape = (unit.rows_per_chunk, self.store.n_tokens, self.d)
         st = getattr(self._local, "staging", None)
         if st is None or st.shape != shape:
             st = self._local.staging = np.empty(shape, dtype=self.pdtype)
         return st
 
-    def _load_unit(self, unit: Unit, buf: np.ndarray, offset: int) -> None:
+    def _load_unit(self, unit: ChunkRef, buf: np.ndarray, offset: int) -> None:
         if self.sel.cls_only:
             self.store.fetch_chunk_into(unit.array_key, unit.index, buf[offset:offset + unit.rows_per_chunk])
         elif self.sel.indices is None:
@@ -164,7 +132,7 @@ class Engine:
             region = buf[offset:offset + unit.n_rows * k].reshape(unit.n_rows, k, self.d)
             np.take(staging[:unit.n_rows], self.sel.indices, axis=1, out=region)
 
-    def start_window(self, window: list[Unit], slot: int) -> list[Future]:
+    def start_window(self, window: list[ChunkRef], slot: int) -> list[Future]:
         """Submit every chunk of a window; returns the futures and fills `self._layout[slot]`."""
         buf = self.buffers[slot]
         offsets, offset = [], 0

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from activation_store.errors import ConfigError
-
-MODES = ("none", "standardize", "unit_mean_sq_norm")
+from activation_store.configs import check_choice
+from activation_store.errors import NoDataError
+from activation_store.readers.config import NORMALIZE_MODES
 
 
 @dataclass
@@ -32,10 +32,9 @@ class Normalizer:
     @classmethod
     def from_moments(cls, mode: str, moments, source: dict | None = None, eps: float = 1e-6) -> Normalizer:
         d = moments.d
-        if mode not in MODES:
-            raise ConfigError(f"normalize must be one of {', '.join(MODES)}, got {mode!r}")
+        check_choice("normalize", mode, NORMALIZE_MODES)
         if mode != "none" and moments.count == 0:
-            raise ConfigError("the store has no statistics for these tokens yet (no committed shard)")
+            raise NoDataError("the store has no statistics for these tokens yet (no committed shard)")
         if mode == "none":
             shift, scale = np.zeros(d), np.ones(d)
         elif mode == "standardize":

@@ -2,68 +2,54 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import dataclasses
 
-import torch
-
-from activation_store.errors import ConfigError
-from activation_store.readers.engine import Engine, list_units
+from activation_store.configs import as_dict
+from activation_store.distributed import resolve_rank
+from activation_store.errors import ConfigError, NoDataError
+from activation_store.readers.config import ReaderConfig
+from activation_store.readers.engine import Engine
 from activation_store.readers.normalize import Normalizer
 from activation_store.readers.selection import TokenSelection
 from activation_store.store import ActivationStore, open_store
 
 STATE_VERSION = 1
+# what a saved state must agree on with the reader that loads it
+_RESUME_KEYS = ("location", "tokens", "batch_size", "buffer_tokens", "seed", "shuffle", "drop_last", "split", "holdout")
 
 
-@dataclass
-class ReaderConfig:
-    """What to read and how. `epochs=None` reads forever (a new permutation every epoch)."""
-
-    location: str
-    tokens: object = "all"  # 'all', 'cls', 'patches' or a list of token indices
-    batch_size: int = 4096
-    buffer_tokens: int = 2**19  # tokens per window; two windows are held (one served, one loading)
-    seed: int = 0
-    rank: int | None = None
-    world_size: int | None = None
-    epochs: int | None = 1
-    dtype: str = "float32"  # of the yielded tensors: float32, bfloat16, float16
-    device: str = "cpu"
-    normalize: str = "none"  # none, standardize, unit_mean_sq_norm
-    drop_last: bool = False
-    return_ids: bool = False  # also yield (image_row, token_index) per vector
-    threads: int = 4  # chunk fetch/decode threads
-    shuffle: bool = True
-    split: str = "all"  # 'all', or 'train' / 'eval': images split by a fixed hash of their row
-    holdout: float = 0.05  # share of images in 'eval' when split is not 'all'
-
-
-def _rank_world(rank: int | None, world: int | None) -> tuple[int, int]:
-    if rank is not None and world is not None:
-        return rank, world
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return (torch.distributed.get_rank() if rank is None else rank,
-                torch.distributed.get_world_size() if world is None else world)
-    return rank or 0, world or 1
+def reader_config(config: ReaderConfig | str | None, overrides: dict, fixed: dict | None = None) -> ReaderConfig:
+    """A ReaderConfig from a config (or a location string) with keyword overrides on top; `fixed`
+    holds what the reader class itself decides (an OrderedReader never shuffles)."""
+    if isinstance(config, ReaderConfig):
+        base = config
+    else:
+        base = ReaderConfig(location=config)
+    clash = sorted(set(overrides) & set(fixed or {}))
+    if clash:
+        raise ConfigError(f"{', '.join(clash)} cannot be set for this reader")
+    names = {f.name for f in dataclasses.fields(ReaderConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ConfigError(f"unknown reader settings {unknown}; ReaderConfig has {sorted(names)}")
+    cfg = dataclasses.replace(base, **overrides, **(fixed or {}))
+    if cfg.location is None:
+        raise ConfigError("a reader needs a location, e.g. ShuffledReader(store, 'resid_22')")
+    return cfg
 
 
 class _Reader:
-    def __init__(self, store, cfg: ReaderConfig, storage_options: dict | None = None) -> None:
+    _fixed: dict = {}
+
+    def __init__(self, store, config: ReaderConfig | str | None = None, *, storage_options: dict | None = None,
+                 **overrides) -> None:
         self.store: ActivationStore = store if isinstance(store, ActivationStore) else open_store(store, storage_options)
-        self.cfg = cfg
-        loc = str(cfg.location)
-        if loc not in self.store.locations:
-            raise ConfigError(f"{self.store.url} has no location {loc!r}; it has {', '.join(self.store.locations)}")
-        self.location = loc
+        self.cfg = cfg = reader_config(config, overrides, self._fixed)
+        self.location = self.store.check_location(cfg.location)
         self.selection = TokenSelection.resolve(cfg.tokens, self.store.n_tokens)
-        self.rank, self.world = _rank_world(cfg.rank, cfg.world_size)
-        self.normalizer = Normalizer.from_store(cfg.normalize, self.store, loc, self.selection.stats_group)
-        self.engine = Engine(self.store, loc, self.selection, batch_size=cfg.batch_size,
-                             buffer_tokens=cfg.buffer_tokens, seed=cfg.seed, rank=self.rank,
-                             world_size=self.world, shuffle=cfg.shuffle, drop_last=cfg.drop_last, dtype=cfg.dtype,
-                             device=cfg.device, normalizer=self.normalizer, return_ids=cfg.return_ids,
-                             threads=cfg.threads,
-                             split=None if cfg.split == "all" else (cfg.split, cfg.holdout))
+        self.rank, self.world = resolve_rank(cfg.rank, cfg.world_size)
+        self.normalizer = Normalizer.from_store(cfg.normalize, self.store, self.location, self.selection.stats_group)
+        self.engine = Engine(self.store, cfg, self.selection, self.normalizer, self.rank, self.world)
         # position: the next batch to yield
         self._epoch, self._window, self._pos, self._batch = 0, 0, 0, 0
         self._shards: list[int] | None = None  # committed shards this epoch reads (fixed per epoch)
@@ -73,20 +59,35 @@ class _Reader:
         if self._shards is None:
             self.store.refresh()  # shards committed since the last epoch join from this epoch on
             self._shards = [s.index for s in self.store.committed_shards()]
-        return list_units(self.store, self.location, self.selection, self._shards)
+        return self.store.chunk_refs(self.location, cls=self.selection.cls_only, shards=self._shards)
 
     def __iter__(self):
         while self.cfg.epochs is None or self._epoch < self.cfg.epochs:
             plan = self.engine.plan(self._epoch, self._epoch_units())
+            if self.cfg.epochs is None:  # reading forever would never yield
+                self._require_batches(plan)
             for w, pos, batch, ids in self.engine.iterate(self._epoch, plan, self._window, self._pos, self._batch):
                 self._window, self._pos, self._batch = w, pos, self._batch + 1
                 yield (batch, ids) if self.cfg.return_ids else batch
             self._epoch, self._window, self._pos, self._batch = self._epoch + 1, 0, 0, 0
             self._shards = None
             if not plan["windows"]:
-                if self.cfg.epochs is None:
-                    raise ConfigError(f"{self.store.url} has no committed {self.location} tokens to read")
                 return
+
+    def _require_batches(self, plan: dict | None = None) -> None:
+        """NoDataError, saying why, when this rank's epoch yields no batch."""
+        plan = plan or self.engine.plan(self._epoch, self._epoch_units())
+        if plan["n_batches"]:
+            return
+        what = f"{self.location} tokens ({self.selection.name}, split {self.cfg.split})"
+        if not plan["tokens"]:
+            raise NoDataError(f"{self.store.url} has no committed {what} for rank {self.rank} of {self.world}")
+        raise NoDataError(f"{self.store.url}: rank {self.rank} of {self.world} has {plan['tokens']:,} {what}, fewer "
+                          f"than one batch of {self.cfg.batch_size:,} with drop_last; lower the batch size or add data")
+
+    def require_batches(self) -> None:
+        """Fail now, with the reason, if the current epoch would yield no batch on this rank."""
+        self._require_batches()
 
     def epoch_size(self) -> dict:
         """Tokens and batches this rank yields in the current epoch."""
@@ -96,17 +97,15 @@ class _Reader:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         """Where the reader is: load it into a reader of the same configuration to continue exactly."""
-        return {"version": STATE_VERSION, "config": asdict(self.cfg) | {"tokens": self._tokens_json()},
-                "rank": self.rank, "world_size": self.world, "epoch": self._epoch, "window": self._window,
-                "position": self._pos, "batch": self._batch, "shards": self._shards,
-                "normalizer": self.normalizer.state_dict()}
+        return {"version": STATE_VERSION, "config": as_dict(self.cfg), "rank": self.rank, "world_size": self.world,
+                "epoch": self._epoch, "window": self._window, "position": self._pos, "batch": self._batch,
+                "shards": self._shards, "normalizer": self.normalizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
             raise ConfigError(f"reader state version {state.get('version')} is not {STATE_VERSION}")
-        mine = asdict(self.cfg) | {"tokens": self._tokens_json()}
-        for key in ("location", "tokens", "batch_size", "buffer_tokens", "seed", "shuffle", "drop_last", "split",
-                    "holdout"):
+        mine = as_dict(self.cfg)
+        for key in _RESUME_KEYS:
             if state["config"][key] != mine[key]:
                 raise ConfigError(
                     f"reader state was saved with {key}={state['config'][key]!r}, this reader has {mine[key]!r}; "
@@ -118,10 +117,6 @@ class _Reader:
         self._epoch, self._window, self._pos, self._batch = state["epoch"], state["window"], state["position"], state["batch"]
         self._shards = state["shards"]
 
-    def _tokens_json(self):
-        t = self.cfg.tokens
-        return t if isinstance(t, str) else [int(x) for x in t]
-
     def close(self) -> None:
         self.engine.close()
 
@@ -129,26 +124,16 @@ class _Reader:
 class ShuffledReader(_Reader):
     """Shuffled batches `(batch_size, d_model)` of one location's tokens; each epoch yields every
     selected committed token exactly once (the last batch smaller, unless drop_last), split
-    disjointly across ranks. See ReaderConfig for the arguments."""
+    disjointly across ranks.
 
-    def __init__(self, store, location, tokens="all", batch_size: int = 4096, buffer_tokens: int = 2**19,
-                 seed: int = 0, rank: int | None = None, world_size: int | None = None, epochs: int | None = 1,
-                 dtype: str = "float32", device: str = "cpu", normalize: str = "none", drop_last: bool = False,
-                 return_ids: bool = False, threads: int = 4, storage_options: dict | None = None,
-                 split: str = "all", holdout: float = 0.05) -> None:
-        cfg = ReaderConfig(str(location), tokens, batch_size, buffer_tokens, seed, rank, world_size, epochs, dtype,
-                           device, normalize, drop_last, return_ids, threads, shuffle=True, split=split, holdout=holdout)
-        super().__init__(store, cfg, storage_options)
+    `ShuffledReader(store, "resid_22", batch_size=4096, ...)` or `ShuffledReader(store, ReaderConfig(...),
+    **overrides)`: the settings are ReaderConfig's fields."""
+
+    _fixed = {"shuffle": True}
 
 
 class OrderedReader(_Reader):
     """Batches in store order, with `(image_row, token_index)` ids: for evaluation and mining
     top-activating images. `tokens='cls'` reads only the small CLS array."""
 
-    def __init__(self, store, location, tokens="all", batch_size: int = 4096, buffer_tokens: int = 2**19,
-                 rank: int | None = None, world_size: int | None = None, dtype: str = "float32",
-                 device: str = "cpu", normalize: str = "none", threads: int = 4,
-                 storage_options: dict | None = None, split: str = "all", holdout: float = 0.05) -> None:
-        cfg = ReaderConfig(str(location), tokens, batch_size, buffer_tokens, 0, rank, world_size, 1, dtype, device,
-                           normalize, False, True, threads, shuffle=False, split=split, holdout=holdout)
-        super().__init__(store, cfg, storage_options)
+    _fixed = {"shuffle": False, "return_ids": True, "epochs": 1, "drop_last": False}

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from activation_store.readers.readers import ShuffledReader, _rank_world
+from activation_store.distributed import resolve_rank
+from activation_store.readers.readers import ShuffledReader
 
 
 class ActivationDataset(IterableDataset):
@@ -19,7 +20,7 @@ class ActivationDataset(IterableDataset):
         self.kwargs = reader_kwargs
 
     def _share(self) -> tuple[int, int]:
-        rank, world = _rank_world(self.kwargs.get("rank"), self.kwargs.get("world_size"))
+        rank, world = resolve_rank(self.kwargs.get("rank"), self.kwargs.get("world_size"))
         info = get_worker_info()
         if info is None:
             return rank, world

@@ -1,5 +1,9 @@
-"""Saving and loading SAEs: our checkpoints, SAELens's layout, CLIP-Scope's files, and folding the
-reader's normalisation into the weights so an SAE runs on raw activations."""
+"""Other tools' SAE files, both ways: SAELens folders (read and write), CLIP-Scope `.pt` files
+(read), and names on the Hugging Face hub. Everything here turns files into an `SAEState` or an
+SAE's tensors into files; `TopKSAE` (model.py) turns an SAEState into a module.
+
+CLIP-Scope files `{L}_resid/{tokens}.pt` hold `model_state_dict` {pre_b (d), enc (d, n), dec (n, d)}
+and `k`, `n_features`, `d_in`; their SAE has no encoder bias and no ReLU after the top-k."""
 
 from __future__ import annotations
 
@@ -9,45 +13,43 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from activation_store.readers.normalize import Normalizer
-from activation_store.sae.clipscope import CheckpointError, load_clipscope
-from activation_store.sae.model import TopKSAE
+from activation_store.errors import CheckpointError
+from activation_store.sae.config import SAEConfig, SAEState
+
+# where CLIP-Scope's own `TopKSAE.from_pretrained` looks when it is given no repo
+CLIPSCOPE_REPO = "lewington/CLIP-ViT-L-scope"
+TENSORS = ("W_enc", "W_dec", "b_enc", "b_dec")
 
 
-def fold_normalizer(sae: TopKSAE, normalizer: Normalizer) -> TopKSAE:
-    """An SAE on raw activations x equal to `inverse(sae(apply(x)))` for an SAE trained on
-    normalised ones, y = (x - shift) * scale per channel."""
-    shift = torch.as_tensor(normalizer.shift, dtype=torch.float32)
-    scale = torch.as_tensor(normalizer.scale, dtype=torch.float32)
-    c = sae.cfg
-    folded = TopKSAE(c.d_in, c.n_latents, c.k, relu=c.relu, encoder_bias=c.encoder_bias, normalize_decoder=False)
-    with torch.no_grad():
-        folded.W_enc.copy_(scale[:, None] * sae.W_enc.detach().cpu())
-        folded.b_enc.copy_(sae.b_enc.detach().cpu())
-        folded.W_dec.copy_(sae.W_dec.detach().cpu() / scale[None, :])
-        folded.b_dec.copy_(sae.b_dec.detach().cpu() / scale + shift)
-    return folded
+def fold_tensors(tensors: dict, normalizer) -> dict:
+    """Weights on raw activations x equal to `inverse(sae(apply(x)))` for weights trained on
+    y = (x - shift) * scale (per channel), exactly: the pre-bias becomes b_dec / scale + shift for
+    both the encoder's input and the decoder's output. Computed in float64."""
+    if normalizer is None or normalizer.mode == "none":
+        return dict(tensors)
+    shift = torch.as_tensor(normalizer.shift, dtype=torch.float64)
+    scale = torch.as_tensor(normalizer.scale, dtype=torch.float64)
+    t = {k: v.detach().cpu().double() for k, v in tensors.items()}
+    dtype = tensors["W_enc"].dtype
+    folded = {"W_enc": scale[:, None] * t["W_enc"], "b_enc": t["b_enc"], "W_dec": t["W_dec"] / scale[None, :],
+              "b_dec": t["b_dec"] / scale + shift}
+    return {k: v.to(dtype) for k, v in folded.items()}
 
 
-def save_checkpoint_weights(sae: TopKSAE, folder: str | Path, extra: dict | None = None) -> None:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}, str(folder / "sae.safetensors"))
-    (folder / "config.json").write_text(json.dumps({"sae": sae.config_dict(), **(extra or {})}, indent=2))
+# ---------------------------------------------------------------------------- SAELens
+def is_saelens(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / "sae_weights.safetensors").is_file() and (p / "cfg.json").is_file()
 
 
-def export_saelens(sae: TopKSAE, folder: str | Path, normalizer: Normalizer | None = None, hook_name: str = "",
-                   model_name: str = "") -> Path:
+def write_saelens(tensors: dict, config: SAEConfig, folder: str | Path, hook_name: str = "",
+                  model_name: str = "") -> Path:
     """SAELens's layout: `cfg.json` + `sae_weights.safetensors` (W_enc (d, n), W_dec (n, d), b_enc,
-    b_dec), with our normalisation folded into the weights (SAELens does the same at save)."""
-    if normalizer is not None and normalizer.mode != "none":
-        sae = fold_normalizer(sae, normalizer)
+    b_dec) of an SAE on raw activations (fold a normaliser in first)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    c = sae.cfg
-    save_file({"W_enc": sae.W_enc.detach().contiguous().cpu(), "W_dec": sae.W_dec.detach().contiguous().cpu(),
-               "b_enc": sae.b_enc.detach().contiguous().cpu(), "b_dec": sae.b_dec.detach().contiguous().cpu()},
-              str(folder / "sae_weights.safetensors"))
+    save_file({k: tensors[k].detach().contiguous().cpu() for k in TENSORS}, str(folder / "sae_weights.safetensors"))
+    c = config
     cfg = {"architecture": "topk", "d_in": c.d_in, "d_sae": c.n_latents, "k": c.k,
            "activation_fn_str": "topk", "activation_fn_kwargs": {"k": c.k}, "apply_b_dec_to_input": True,
            "normalize_activations": "none", "dtype": "float32", "device": "cpu", "hook_name": hook_name,
@@ -56,52 +58,63 @@ def export_saelens(sae: TopKSAE, folder: str | Path, normalizer: Normalizer | No
     return folder
 
 
-def load_sae(path: str | Path, device: str = "cpu") -> TopKSAE:
-    """Load an SAE from one of our checkpoint folders, a SAELens folder, or a CLIP-Scope .pt file."""
+def read_saelens(path: str | Path) -> SAEState:
     p = Path(path)
-    if p.is_file() and p.suffix == ".pt":
-        return load_clipscope(p, device)
-    if (p / "sae.safetensors").exists() and (p / "config.json").exists():
-        cfg = json.loads((p / "config.json").read_text())["sae"]
-        sae = TopKSAE(cfg["d_in"], cfg["n_latents"], cfg["k"], relu=cfg["relu"], encoder_bias=cfg["encoder_bias"],
-                      normalize_decoder=cfg["normalize_decoder"])
-        sae.load_state_dict(load_file(str(p / "sae.safetensors")))
-        return sae.to(device)
-    if (p / "sae_weights.safetensors").exists() and (p / "cfg.json").exists():
+    try:
         cfg = json.loads((p / "cfg.json").read_text())
-        k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
-        if k is None:
-            raise CheckpointError(f"{p}/cfg.json is not a TopK SAE (no k)")
-        w = load_file(str(p / "sae_weights.safetensors"))
-        sae = TopKSAE(int(cfg["d_in"]), int(cfg["d_sae"]), int(k), relu=bool(cfg.get("relu_after_topk", True)),
-                      normalize_decoder=False)
-        sae.load_state_dict({"W_enc": w["W_enc"], "W_dec": w["W_dec"], "b_enc": w["b_enc"], "b_dec": w["b_dec"]})
-        return sae.to(device)
-    raise CheckpointError(
-        f"{path} is neither an activation-store checkpoint (sae.safetensors + config.json), a SAELens folder "
-        f"(sae_weights.safetensors + cfg.json) nor a CLIP-Scope .pt file"
-    )
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{p}/cfg.json is not valid JSON ({exc})") from exc
+    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
+    if k is None:
+        raise CheckpointError(f"{p}/cfg.json is not a TopK SAE (no k)")
+    w = load_file(str(p / "sae_weights.safetensors"))
+    missing = [name for name in TENSORS if name not in w]
+    if missing:
+        raise CheckpointError(f"{p}/sae_weights.safetensors lacks {missing}")
+    config = SAEConfig(n_latents=int(cfg["d_sae"]), k=int(k), d_in=int(cfg["d_in"]),
+                       relu=bool(cfg.get("relu_after_topk", True)), normalize_decoder=False)
+    return SAEState(config, {name: w[name] for name in TENSORS}, None, {"saelens": cfg})
 
 
-# where CLIP-Scope's own `TopKSAE.from_pretrained` looks when it is given no repo
-CLIPSCOPE_REPO = "lewington/CLIP-ViT-L-scope"
+# ---------------------------------------------------------------------------- CLIP-Scope
+def read_clipscope(path: str | Path) -> SAEState:
+    """A CLIP-Scope checkpoint, loaded with `torch.load(weights_only=True)` (no code runs from it)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"CLIP-Scope checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a loadable torch checkpoint ({exc})") from exc
+    try:
+        state = ckpt["model_state_dict"]
+        pre_b, enc, dec = state["pre_b"], state["enc"], state["dec"]
+        k, n, d = int(ckpt["k"]), int(ckpt["n_features"]), int(ckpt["d_in"])
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"{path} is not a CLIP-Scope checkpoint (needs model_state_dict with pre_b, enc, dec and k, "
+            f"n_features, d_in): missing {exc}"
+        ) from exc
+    if tuple(enc.shape) != (d, n) or tuple(dec.shape) != (n, d) or tuple(pre_b.shape) != (d,):
+        raise CheckpointError(f"{path}: shapes pre_b {tuple(pre_b.shape)}, enc {tuple(enc.shape)}, "
+                              f"dec {tuple(dec.shape)} do not match d_in={d}, n_features={n}")
+    config = SAEConfig(n_latents=n, k=k, d_in=d, relu=False, encoder_bias=False, normalize_decoder=False)
+    tensors = {"W_enc": enc.float(), "W_dec": dec.float(), "b_enc": torch.zeros(n), "b_dec": pre_b.float()}
+    meta = {"clipscope": {key: ckpt[key] for key in ("token_count", "n_iter", "log_id") if key in ckpt}}
+    return SAEState(config, tensors, None, meta)
 
 
-def from_pretrained(checkpoint: str, repo_id: str | None = None, device: str = "cpu") -> TopKSAE:
-    """`TopKSAE.from_pretrained`: a local path, or a file of a Hugging Face repo (downloaded with
-    huggingface_hub, or found in its cache). A name that is not a local path and comes without
-    `repo_id` is looked up in CLIP-Scope's repo, as CLIP-Scope's model card does:
-    `TopKSAE.from_pretrained("22_resid/1200013184.pt")`."""
-    if repo_id is None and Path(checkpoint).exists():
-        return load_sae(checkpoint, device)
+# ---------------------------------------------------------------------------- the hub
+def hub_file(name: str, repo_id: str | None = None) -> str:
+    """A local copy of a file of a Hugging Face repo (downloaded with huggingface_hub, or found in
+    its cache); without `repo_id`, CLIP-Scope's repo, as their model card's
+    `TopKSAE.from_pretrained("22_resid/1200013184.pt")` does."""
     repo_id = repo_id or CLIPSCOPE_REPO
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as exc:  # pragma: no cover - huggingface_hub comes with open_clip
-        raise CheckpointError("fetching from the hub needs huggingface_hub") from exc
+        raise CheckpointError("fetching from the hub needs huggingface_hub: pip install huggingface_hub") from exc
     try:
-        local = hf_hub_download(repo_id, checkpoint)
+        return hf_hub_download(repo_id, name)
     except Exception as exc:
-        raise CheckpointError(f"cannot fetch {checkpoint} from {repo_id}: {exc}") from exc
-    return load_sae(local, device)
-
+        raise CheckpointError(f"cannot fetch {name} from {repo_id}: {exc}") from exc

@@ -7,40 +7,36 @@
 
 Decoder rows are kept at unit norm (`normalize_decoder`), with the gradient component parallel to
 them removed before each step. Decoding a top-k code uses `embedding_bag` (a gather and a
-weighted sum of k decoder rows), which equals the dense product."""
+weighted sum of k decoder rows), which equals the dense product.
+
+Loading (`load_sae`, `TopKSAE.from_pretrained`) gives an SAE on **raw** store activations: the
+normaliser a run trained behind is folded into the weights (exact; see `io.fold_tensors`).
+`normalized=True` gives the SAE in its training space instead, with the normaliser beside it
+(`sae.normalizer`) for those who apply it themselves."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from activation_store.errors import ConfigError
-
-
-@dataclass
-class SAEConfig:
-    d_in: int
-    n_latents: int
-    k: int
-    relu: bool = True  # ReLU after top-k (CLIP-Scope: False)
-    encoder_bias: bool = True  # CLIP-Scope: False
-    normalize_decoder: bool = True
-
-    def __post_init__(self) -> None:
-        if not 0 < self.k <= self.n_latents:
-            raise ConfigError(f"k must be in [1, n_latents={self.n_latents}], got {self.k}")
-        if self.d_in < 1:
-            raise ConfigError(f"d_in must be >= 1, got {self.d_in}")
+from activation_store.errors import CheckpointError
+from activation_store.sae import checkpoint, io
+from activation_store.sae.config import SAEConfig, SAEState
 
 
 class TopKSAE(nn.Module):
     def __init__(self, d_in: int, n_latents: int, k: int, relu: bool = True, encoder_bias: bool = True,
                  normalize_decoder: bool = True, seed: int | None = None) -> None:
         super().__init__()
-        self.cfg = SAEConfig(d_in, n_latents, k, relu, encoder_bias, normalize_decoder)
+        self.cfg = SAEConfig(n_latents=n_latents, k=k, d_in=d_in, relu=relu, encoder_bias=encoder_bias,
+                             normalize_decoder=normalize_decoder)
+        self.input_space = "raw"  # or "normalized": the SAE expects normaliser.apply(x)
+        self.normalizer = None  # the normaliser of its training run, when known
+        self.meta: dict = {}  # what its file said besides the weights
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         w = torch.randn(d_in, n_latents, generator=gen)
         w = w / w.norm(dim=0, keepdim=True)  # unit columns: the decoder starts as the encoder's transpose
@@ -143,10 +139,83 @@ class TopKSAE(nn.Module):
     def config_dict(self) -> dict:
         return asdict(self.cfg)
 
-    @classmethod
-    def from_pretrained(cls, checkpoint: str, repo_id: str | None = None, device: str = "cpu") -> TopKSAE:
-        """From our checkpoint folder, a SAELens folder, a CLIP-Scope .pt, or a file of a Hugging
-        Face repo (`repo_id`)."""
-        from activation_store.sae.io import from_pretrained
+    @property
+    def clipscope_meta(self) -> dict:
+        return self.meta.get("clipscope", {})
 
-        return from_pretrained(checkpoint, repo_id, device)
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_config(cls, config: SAEConfig, seed: int | None = None) -> TopKSAE:
+        if config.d_in is None:
+            raise CheckpointError("the SAE's d_in is unknown; give SAEConfig(d_in=...)")
+        c = config
+        return cls(c.d_in, c.n_latents, c.k, relu=c.relu, encoder_bias=c.encoder_bias,
+                   normalize_decoder=c.normalize_decoder, seed=seed)
+
+    @classmethod
+    def from_state(cls, state: SAEState, device="cpu", normalized: bool = False) -> TopKSAE:
+        """A module from weights read from a file: on raw activations (the normaliser folded in),
+        or, with `normalized=True`, in the space it was trained in."""
+        fold = not normalized and state.normalizer is not None and state.normalizer.mode != "none"
+        config = SAEConfig(**{**asdict(state.config), "normalize_decoder": state.config.normalize_decoder and not fold})
+        sae = cls.from_config(config)
+        tensors = io.fold_tensors(state.tensors, state.normalizer) if fold else state.tensors
+        try:
+            sae.load_state_dict({k: tensors[k] for k in io.TENSORS})
+        except (KeyError, RuntimeError) as exc:
+            raise CheckpointError(f"weights do not fit a TopK SAE of {asdict(state.config)}: {exc}") from exc
+        sae.input_space = "normalized" if normalized and state.normalizer is not None else "raw"
+        sae.normalizer, sae.meta = state.normalizer, dict(state.meta)
+        return sae.to(device)
+
+    def folded(self, normalizer) -> TopKSAE:
+        """This SAE (trained on normalised activations) as one on raw activations."""
+        state = SAEState(self.cfg, {k: v.detach() for k, v in self.state_dict().items()}, normalizer, self.meta)
+        return TopKSAE.from_state(state)
+
+    @classmethod
+    def from_pretrained(cls, checkpoint: str, repo_id: str | None = None, device: str = "cpu",
+                        normalized: bool = False) -> TopKSAE:
+        """From a run or checkpoint folder of ours, a SAELens folder, a CLIP-Scope .pt, or a file of a
+        Hugging Face repo (`repo_id`; without one, a name that is not a local path is looked up in
+        CLIP-Scope's repo, as their model card does: `from_pretrained("22_resid/1200013184.pt")`)."""
+        if repo_id is None and Path(checkpoint).exists():
+            return load_sae(checkpoint, device, normalized)
+        return load_sae(io.hub_file(checkpoint, repo_id), device, normalized)
+
+
+def read_state(path: str | Path) -> SAEState:
+    """The SAEState of any SAE file or folder we read."""
+    p = Path(path)
+    ckpt = checkpoint.resolve(p)
+    if ckpt is not None:
+        return checkpoint.read_sae_state(ckpt)
+    if p.is_file() and p.suffix == ".pt":
+        return io.read_clipscope(p)
+    if io.is_saelens(p):
+        return io.read_saelens(p)
+    raise CheckpointError(
+        f"{path} is neither an activation-store run or checkpoint folder, a SAELens folder "
+        f"(sae_weights.safetensors + cfg.json) nor a CLIP-Scope .pt file"
+    )
+
+
+def load_sae(path: str | Path, device: str = "cpu", normalized: bool = False) -> TopKSAE:
+    """An SAE from one of our run or checkpoint folders, a SAELens folder, or a CLIP-Scope .pt file,
+    on raw activations unless `normalized` (see the module docstring)."""
+    return TopKSAE.from_state(read_state(path), device, normalized)
+
+
+def load_clipscope(path: str | Path, device: str = "cpu") -> TopKSAE:
+    """A TopKSAE computing exactly CLIP-Scope's forward for a checkpoint of theirs."""
+    return TopKSAE.from_state(io.read_clipscope(path), device)
+
+
+def export_saelens(sae: TopKSAE, folder: str | Path, normalizer=None, hook_name: str = "",
+                   model_name: str = "") -> Path:
+    """SAELens's layout of an SAE on raw activations: a normalised-space SAE is folded with
+    `normalizer` (or its own) first, as SAELens itself does at save."""
+    normalizer = normalizer if normalizer is not None else (sae.normalizer if sae.input_space == "normalized" else None)
+    raw = sae.folded(normalizer) if normalizer is not None and normalizer.mode != "none" else sae
+    tensors = {k: v.detach() for k, v in raw.state_dict().items()}
+    return io.write_saelens(tensors, raw.cfg, folder, hook_name, model_name)

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from activation_store.sae.report import grid_png
+
 
 def write_sort_eval(top, fires_on: torch.Tensor, cfg, images, folder: Path) -> dict:
     """Write `pairs.json` and the grid and query images for up to `cfg.sort_eval_pairs` pairs of
     latents that fire on more images than their grid shows (so a query image exists)."""
-    from activation_store.sae.evaluate import grid_png
-
     folder.mkdir(parents=True, exist_ok=True)
     n_top = cfg.top_n
     eligible = [int(i) for i in torch.nonzero(fires_on > n_top).flatten()[: cfg.first_latents]

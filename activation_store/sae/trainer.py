@@ -1,98 +1,106 @@
 """Training a TopKSAE on a store: the OpenAI recipe (Adam, warm-up then linear decay, AuxK for dead
-latents, unit-norm decoder), with checkpoints that resume exactly.
-
-A checkpoint (`OUT/checkpoints/<tokens>/`) holds the weights (safetensors), the optimiser, the
-dead-latent counters, the step, the reader's state and the normalisation. It is written to a
-temporary folder and renamed, so a killed run never leaves a half checkpoint; rerunning the same
-command continues from the newest one and, on the CPU, ends with the same weights as a run that
-was never interrupted."""
+latents, unit-norm decoder), with checkpoints (sae/checkpoint.py) that resume exactly: rerunning
+the same command continues from the newest one and, on the CPU, ends with the same weights as a
+run that was never interrupted. Under torchrun, gradients are averaged by torch's
+DistributedDataParallel (bucketed all-reduce, overlapped with the backward)."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from torch import nn
 from tqdm import tqdm
 
-from activation_store.errors import ConfigError
-from activation_store.readers import ShuffledReader
-from activation_store.sae import metrics
+from activation_store import faults
+from activation_store.distributed import resolve_rank
+from activation_store.configs import as_dict, check_choice, deep_merge, from_dict, option
+from activation_store.errors import ConfigError, DistributedError
+from activation_store.readers import ReaderConfig, ShuffledReader
+from activation_store.sae import checkpoint, metrics
+from activation_store.sae.config import SAEConfig
 from activation_store.sae.model import TopKSAE
 from activation_store.store import open_store
+
+AUTOCAST_MODES = ("auto", "bf16", "off")
+# how the trainer reads: forever, shuffled, whole batches (DDP needs equal batch counts per rank)
+_TRAINING_READS = {"epochs": None, "shuffle": True, "drop_last": True, "return_ids": False}
+
+
+def _training_reader() -> ReaderConfig:
+    return ReaderConfig(normalize="unit_mean_sq_norm", split="train", holdout=0.05, **_TRAINING_READS)
 
 
 @dataclass
 class TrainerConfig:
-    store: str
-    location: str
-    out: str
-    tokens: object = "all"
-    n_latents: int = 65536
-    k: int = 32
-    relu: bool = True
-    batch_size: int = 4096
-    total_tokens: int = 1_200_000_000
-    lr: float | None = None  # None: 2e-4 / sqrt(n_latents / 2**14) (scales with latent count)
-    warmup_tokens: int = 10_000_000
-    decay_start: float = 0.8  # linear decay to 0 over the last 20% of training
-    auxk_coef: float = 1 / 32
-    k_aux: int | None = None  # None: d_in // 2
-    dead_tokens: int = 10_000_000  # a latent silent this long is dead (AuxK and the metric)
-    checkpoint_every_tokens: int = 100_000_000
-    log_every_steps: int = 50
-    normalize: str = "unit_mean_sq_norm"
-    holdout: float = 0.05  # share of images kept out of training for evaluation (split by image)
-    seed: int = 0
-    device: str = "cpu"
-    autocast: str = "auto"  # auto: bf16 autocast on CUDA, none on the CPU; bf16: on any device; off
-    buffer_tokens: int = 2**19
-    threads: int = 4
-    wandb: bool = False
-    storage_options: dict = field(default_factory=dict)
+    """A training run. `reader` says what is read (location, tokens, batch size, normalisation,
+    held-out share, device, seed); `sae` the architecture; the rest the optimisation."""
 
-    @classmethod
-    def from_dict(cls, values: dict) -> TrainerConfig:
-        """From a config file's values merged with flags; says which required ones are missing."""
-        missing = [name for name in ("store", "location", "out") if values.get(name) is None]
+    store: str | None = option(None, help="store path or URL", positional=True)
+    out: str | None = option(None, help="run folder: checkpoints/, metrics.jsonl")
+    reader: ReaderConfig = option(default_factory=_training_reader, help="what is read")
+    sae: SAEConfig = option(default_factory=SAEConfig, help="the SAE's architecture")
+    total_tokens: int = option(1_200_000_000, help="tokens to train on")
+    lr: float | None = option(None, help="learning rate (default: 2e-4 / sqrt(latents / 2^14))")
+    warmup_tokens: int = option(10_000_000, help="linear learning-rate warm-up")
+    decay_start: float = option(0.8, help="share of training after which the learning rate decays linearly to 0")
+    auxk_coef: float = option(1 / 32, help="weight of the AuxK loss (0: off)")
+    k_aux: int | None = option(None, help="dead latents AuxK uses per token (default: d_in / 2)")
+    dead_tokens: int = option(10_000_000, help="a latent silent this many tokens is dead (AuxK and the metric)")
+    checkpoint_every_tokens: int = option(100_000_000, help="tokens between checkpoints", flag="--checkpoint-every")
+    log_every_steps: int = option(50, help="steps between lines of metrics.jsonl")
+    autocast: str = option("auto", help="bf16 autocast: auto = on CUDA only", choices=AUTOCAST_MODES)
+    wandb: bool = option(False, help="also log to Weights & Biases")
+    storage_options: dict = option(default_factory=dict, help="fsspec options of a remote store", cli=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.reader, ReaderConfig):  # a dict: settings on top of the trainer's reader defaults
+            values = deep_merge(as_dict(_training_reader()), self.reader) if isinstance(self.reader, dict) else self.reader
+            self.reader = from_dict(ReaderConfig, values, "reader")
+        if not isinstance(self.sae, SAEConfig):
+            self.sae = from_dict(SAEConfig, self.sae, "sae")
+        check_choice("autocast", self.autocast, AUTOCAST_MODES)
+        forced = {k: v for k, v in _TRAINING_READS.items() if getattr(self.reader, k) != v}
+        if forced:
+            raise ConfigError(f"the trainer reads with {_TRAINING_READS}; leave reader {sorted(forced)} unset")
+        for name in ("total_tokens", "checkpoint_every_tokens", "log_every_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def check_complete(self) -> None:
+        """What a run cannot start without (a config file may supply it, so it is not checked earlier)."""
+        missing = [name for name, v in (("store", self.store), ("location", self.reader.location), ("out", self.out))
+                   if v is None]
         if missing:
             raise ConfigError(f"training needs {', '.join(missing)} (as arguments or in --config)")
-        try:
-            return cls(**values)
-        except TypeError as exc:
-            raise ConfigError(f"bad training configuration: {exc}") from exc
+
+    @property
+    def device(self) -> str:
+        return self.reader.device
 
     def autocast_context(self):
         """The encoder and losses run under bf16 autocast; weights, Adam and the decoder's
         embedding_bag stay float32."""
-        if self.autocast not in ("auto", "bf16", "off"):
-            raise ConfigError(f"autocast must be auto, bf16 or off, got {self.autocast!r}")
         device_type = torch.device(self.device).type
         on = self.autocast == "bf16" or (self.autocast == "auto" and device_type == "cuda")
         return torch.autocast(device_type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.n_latents / 2**14)
-
-
-def run_checkpoints(out: str | Path) -> list[Path]:
-    """The complete checkpoints of a run folder, oldest first (a renamed folder is complete)."""
-    root = Path(out) / "checkpoints"
-    return sorted(p for p in root.glob("[0-9]*") if (p / "trainer.pt").exists()) if root.is_dir() else []
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.sae.n_latents / 2**14)
 
 
 def lr_at(cfg: TrainerConfig, tokens: int) -> float:
     base = cfg.learning_rate()
     if cfg.warmup_tokens and tokens < cfg.warmup_tokens:
-        return base * (tokens + cfg.batch_size) / cfg.warmup_tokens
+        return base * (tokens + cfg.reader.batch_size) / cfg.warmup_tokens
     start = cfg.decay_start * cfg.total_tokens
     if tokens >= start and cfg.decay_start < 1:
         return base * max(0.0, (cfg.total_tokens - tokens) / (cfg.total_tokens - start))
@@ -115,51 +123,69 @@ def auxk_loss(sae: TopKSAE, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Ten
     residual = (x - x_hat).detach()
     recon = sae.decode_sparse(values, indices, bias=False)
     scale = min(n_dead / k_aux, 1.0)
-    return scale * metrics.nmse(residual, recon)
+    return scale * metrics.nmse_loss(residual, recon)
 
 
-def sae_step(sae: TopKSAE, opt: torch.optim.Optimizer, x: torch.Tensor, dead: metrics.DeadLatents, k_aux: int,
-             auxk_coef: float, autocast=contextlib.nullcontext(), world: int = 1,
-             aux_dead: torch.Tensor | None = None) -> dict:
-    """One training step: encode, sparse decode, MSE + AuxK, backward (gradients averaged over
-    `world` processes), step, decoder renormalisation, dead counters. `aux_dead` replaces the
-    counters' dead mask for AuxK (benchmarks fix it to time AuxK at a chosen dead fraction)."""
+class TrainingStep(nn.Module):
+    """The forward of one training step (encode, sparse decode, MSE and AuxK losses) as a module, so
+    that DistributedDataParallel can wrap it and average the gradients of its backward."""
+
+    def __init__(self, sae: TopKSAE, k_aux: int, auxk_coef: float) -> None:
+        super().__init__()
+        self.sae, self.k_aux, self.auxk_coef = sae, k_aux, auxk_coef
+
+    def forward(self, x: torch.Tensor, dead: torch.Tensor) -> dict:
+        values, indices, pre = self.sae.encode_topk(x)
+        x_hat = self.sae.decode_sparse(values, indices)
+        loss_main = metrics.mse_loss(x, x_hat)
+        aux = auxk_loss(self.sae, x, x_hat, pre, dead, self.k_aux) if self.auxk_coef else x.new_zeros(())
+        return {"values": values, "indices": indices, "x_hat": x_hat, "mse": loss_main, "auxk": aux,
+                "loss": loss_main + self.auxk_coef * aux}
+
+
+def distributed(step: TrainingStep, world: int) -> nn.Module:
+    """The step as every rank runs it: wrapped in DistributedDataParallel when there are several."""
+    if world == 1:
+        return step
+    device = next(step.parameters()).device
+    return nn.parallel.DistributedDataParallel(step, device_ids=[device] if device.type == "cuda" else None)
+
+
+def sae_step(step: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, dead: metrics.DeadLatents,
+             autocast=contextlib.nullcontext(), world: int = 1, aux_dead: torch.Tensor | None = None) -> dict:
+    """One training step of a `TrainingStep` (or its DDP wrapper): forward, backward (gradients
+    averaged over ranks by DDP), parallel-gradient removal, Adam, decoder renormalisation, dead
+    counters. `aux_dead` replaces the counters' dead mask for AuxK (benchmarks fix it to time AuxK
+    at a chosen dead fraction)."""
+    sae = getattr(step, "module", step).sae
     with autocast:
-        values, indices, pre = sae.encode_topk(x)
-        x_hat = sae.decode_sparse(values, indices)
-        loss_main = metrics.mse(x, x_hat)
-        dead_mask = dead.dead if aux_dead is None else aux_dead
-        aux = auxk_loss(sae, x, x_hat, pre, dead_mask, k_aux) if auxk_coef else x.new_zeros(())
-        loss = loss_main + auxk_coef * aux
+        out = step(x, dead.dead if aux_dead is None else aux_dead)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if world > 1:  # average gradients: every rank then takes the same step
-        for p in sae.parameters():
-            if p.grad is not None:
-                torch.distributed.all_reduce(p.grad)
-                p.grad /= world
+    out["loss"].backward()
     sae.remove_parallel_gradient_()
     opt.step()
     sae.normalize_decoder_()
-    dead.update(indices, values.detach(), x.shape[0], world)
-    return {"values": values, "x_hat": x_hat, "mse": loss_main, "auxk": aux, "loss": loss}
+    dead.update(out["indices"], out["values"].detach(), x.shape[0], world)
+    return out
 
 
 class Trainer:
     def __init__(self, cfg: TrainerConfig) -> None:
-        self.cfg = cfg
+        cfg.check_complete()
         self.rank, self.world = _init_distributed(cfg)
-        torch.manual_seed(cfg.seed)
+        self.cfg = cfg
+        torch.manual_seed(cfg.reader.seed)
         self.store = open_store(cfg.store, cfg.storage_options or None)
-        self.reader = ShuffledReader(self.store, cfg.location, tokens=cfg.tokens, batch_size=cfg.batch_size,
-                                     buffer_tokens=cfg.buffer_tokens, seed=cfg.seed, epochs=None, device=cfg.device,
-                                     normalize=cfg.normalize, drop_last=True, threads=cfg.threads,
-                                     split="train" if cfg.holdout else "all", holdout=cfg.holdout or 0.05)
-        d = self.store.d_model
-        self.sae = TopKSAE(d, cfg.n_latents, cfg.k, relu=cfg.relu, seed=cfg.seed).to(cfg.device)
-        self.k_aux = cfg.k_aux or d // 2
+        self.reader = ShuffledReader(self.store, cfg.reader, rank=self.rank, world_size=self.world)
+        self.reader.require_batches()  # a run that yields no batch would wait forever for one
+        sae_cfg = dataclasses.replace(cfg.sae, d_in=cfg.sae.d_in or self.store.d_model)
+        if sae_cfg.d_in != self.store.d_model:
+            raise ConfigError(f"sae.d_in is {sae_cfg.d_in} but {self.store.url} stores d_model {self.store.d_model}")
+        self.sae = TopKSAE.from_config(sae_cfg, seed=cfg.reader.seed).to(cfg.device)
+        self.k_aux = cfg.k_aux or sae_cfg.d_in // 2
+        self.step_module = distributed(TrainingStep(self.sae, self.k_aux, cfg.auxk_coef), self.world)
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.learning_rate())
-        self.dead = metrics.DeadLatents(cfg.n_latents, cfg.dead_tokens, device=cfg.device)
+        self.dead = metrics.DeadLatents(sae_cfg.n_latents, cfg.dead_tokens, device=cfg.device)
         self.step, self.tokens = 0, 0
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -167,56 +193,57 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoints(self) -> list[Path]:
-        return run_checkpoints(self.out)
+        return checkpoint.list_checkpoints(self.out)
+
+    def _run_description(self) -> dict:
+        cfg = self.cfg
+        return {"sae": self.sae.config_dict(), "world_size": self.world,
+                "trainer": as_dict(cfg) | {"storage_options": sorted(cfg.storage_options)},
+                "store": self.store.url, "location": cfg.reader.location, "tokens": self.reader.cfg.tokens,
+                "holdout": cfg.reader.holdout if cfg.reader.split == "train" else 0.0,
+                "normalizer": {k: v for k, v in self.reader.normalizer.state_dict().items() if k in ("mode", "source")}}
 
     def save_checkpoint(self) -> Path:
         """Rank 0 writes weights, optimiser and counters (identical on every rank); each rank writes
         its own reader state; rank 0 renames the folder once all are written."""
-        root = self.out / "checkpoints"
-        final = root / f"{self.tokens:013d}"
-        tmp = root / f".tmp-{self.tokens:013d}"
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+        tmp = checkpoint.start(self.out, self.tokens) if self.rank == 0 else checkpoint.staging_dir(self.out, self.tokens)
         _barrier(self.world)
-        torch.save({"reader": self.reader.state_dict()}, tmp / f"reader_rank{self.rank}.pt")
+        checkpoint.write_reader_state(tmp, self.rank, self.reader.state_dict())
         if self.rank == 0:
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.sae.state_dict().items()},
-                      str(tmp / "sae.safetensors"))
-            torch.save({"optimizer": self.opt.state_dict(), "dead": self.dead.state_dict(), "step": self.step,
-                        "tokens": self.tokens, "world_size": self.world,
-                        "normalizer": self.reader.normalizer.state_dict()}, tmp / "trainer.pt")
-            (tmp / "config.json").write_text(json.dumps({
-                "sae": self.sae.config_dict(), "world_size": self.world,
-                "trainer": asdict(self.cfg) | {"storage_options": sorted(self.cfg.storage_options)},
-                "location": self.cfg.location, "store": self.store.url,
-                "normalizer": {k: v for k, v in self.reader.normalizer.state_dict().items() if k in ("mode", "source")},
-            }, indent=2, default=str))
+            checkpoint.write_training_state(tmp, sae=self.sae, optimizer=self.opt, dead=self.dead, step=self.step,
+                                            tokens=self.tokens, world_size=self.world,
+                                            normalizer=self.reader.normalizer, config=self._run_description())
         _barrier(self.world)
-        if self.rank == 0:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+        final = checkpoint.publish(tmp, self.tokens) if self.rank == 0 else tmp.parent / f"{self.tokens:013d}"
         _barrier(self.world)
         return final
 
     def _resume(self) -> Path | None:
-        found = self.checkpoints()
-        if not found:
+        path = checkpoint.newest(self.out)
+        if path is None:
             return None
-        path = found[-1]
-        self.sae.load_state_dict(load_file(str(path / "sae.safetensors"), device=str(self.cfg.device)))
-        state = torch.load(path / "trainer.pt", map_location=self.cfg.device, weights_only=True)
+        state = checkpoint.read_training_state(path, self.cfg.device)
         if state.get("world_size", 1) != self.world:
-            raise ConfigError(f"{path} was written by {state.get('world_size', 1)} processes; resume it with as many "
-                              f"(this run has {self.world})")
+            raise DistributedError(f"{path} was written by {state.get('world_size', 1)} processes; resume it with "
+                                   f"as many (this run has {self.world})")
+        self.sae.load_state_dict(checkpoint.read_weights(path, self.cfg.device))
         self.opt.load_state_dict(state["optimizer"])
         self.dead.load_state_dict(state["dead"])
         self.step, self.tokens = state["step"], state["tokens"]
-        reader = torch.load(path / f"reader_rank{self.rank}.pt", map_location="cpu", weights_only=True)
-        self.reader.load_state_dict(reader["reader"])
+        self.reader.load_state_dict(checkpoint.read_reader_state(path, self.rank))
         return path
 
     # ------------------------------------------------------------------ training
+    def _log_line(self, x: torch.Tensor, out: dict, t0: float, initial: int) -> dict:
+        recon = metrics.Reconstruction()
+        recon.add(x, out["x_hat"])
+        l0 = metrics.L0()
+        l0.add(out["values"])
+        return {"step": self.step, "tokens": self.tokens, "loss": float(out["loss"].detach()),
+                "mse": float(out["mse"].detach()), "auxk": float(out["auxk"].detach()), "explained_variance": recon.explained_variance, "nmse": recon.nmse,
+                "l0": l0.value, "dead_proportion": self.dead.proportion(), "lr": self.opt.param_groups[0]["lr"],
+                "tokens_per_s": (self.tokens - initial) / (time.perf_counter() - t0)}
+
     def train(self) -> dict:
         cfg = self.cfg
         it = iter(self.reader)
@@ -224,7 +251,7 @@ class Trainer:
         progress = tqdm(total=cfg.total_tokens, initial=self.tokens, unit="tok", unit_scale=True, desc="train")
         next_ckpt = (self.tokens // cfg.checkpoint_every_tokens + 1) * cfg.checkpoint_every_tokens
         wandb = _wandb(cfg) if cfg.wandb else None
-        t0 = time.perf_counter()
+        t0, initial = time.perf_counter(), self.tokens
         last = {}
         autocast = cfg.autocast_context()
         while self.tokens < cfg.total_tokens:
@@ -235,18 +262,12 @@ class Trainer:
                     torch.distributed.broadcast(self.sae.b_dec.data, 0)
             for group in self.opt.param_groups:
                 group["lr"] = lr_at(cfg, self.tokens)
-            out = sae_step(self.sae, self.opt, x, self.dead, self.k_aux, cfg.auxk_coef, autocast, self.world)
-            values, x_hat, loss_main, aux, loss = out["values"], out["x_hat"], out["mse"], out["auxk"], out["loss"]
+            out = sae_step(self.step_module, self.opt, x, self.dead, autocast, self.world)
             self.step += 1
             self.tokens += x.shape[0] * self.world
             progress.update(x.shape[0] * self.world)
             if self.step % cfg.log_every_steps == 0 or self.tokens >= cfg.total_tokens:
-                with torch.no_grad():
-                    last = {"step": self.step, "tokens": self.tokens, "loss": float(loss), "mse": float(loss_main),
-                            "auxk": float(aux), "explained_variance": float(metrics.explained_variance(x, x_hat)),
-                            "nmse": float(metrics.nmse(x, x_hat)), "l0": float((values > 0).sum(-1).float().mean()),
-                            "dead_proportion": self.dead.proportion(), "lr": self.opt.param_groups[0]["lr"],
-                            "tokens_per_s": (self.tokens - (progress.initial or 0)) / (time.perf_counter() - t0)}
+                last = self._log_line(x, out, t0, initial)
                 if self.rank == 0:
                     log.write(json.dumps(last) + "\n")
                     log.flush()
@@ -255,30 +276,27 @@ class Trainer:
             if self.tokens >= next_ckpt:
                 self.save_checkpoint()
                 next_ckpt += cfg.checkpoint_every_tokens
+            faults.kill_point("train_step")
         final = self.save_checkpoint()
         progress.close()
         log.close()
         self.reader.close()
-        in_sync = _ranks_in_sync(self.sae, self.world)
-        if not in_sync:
-            raise RuntimeError("SAE weights differ between ranks after training")
+        if not _ranks_in_sync(self.sae, self.world):
+            raise DistributedError("SAE weights differ between ranks after training; report this as a bug")
         return {"checkpoint": str(final), "steps": self.step, "tokens": self.tokens, "last": last,
                 "resumed_from": str(self.resumed_from) if self.resumed_from else None,
-                "rank": self.rank, "world_size": self.world, "ranks_in_sync": in_sync}
+                "rank": self.rank, "world_size": self.world, "ranks_in_sync": True}
 
 
 def _init_distributed(cfg: TrainerConfig) -> tuple[int, int]:
     """torchrun sets WORLD_SIZE/RANK: join the process group (gloo on CPU, nccl on CUDA)."""
     dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if not (dist.is_available() and dist.is_initialized()) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         backend = "nccl" if str(cfg.device).startswith("cuda") else "gloo"
         dist.init_process_group(backend)
         if backend == "nccl":
-            cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+            cfg.reader = dataclasses.replace(cfg.reader, device=f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    return resolve_rank()
 
 
 def _barrier(world: int) -> None:
@@ -301,7 +319,7 @@ def _wandb(cfg: TrainerConfig):
         import wandb
     except ImportError as exc:
         raise ConfigError("--wandb needs the wandb package: pip install wandb") from exc
-    wandb.init(project="activation-store", config=asdict(cfg))
+    wandb.init(project="activation-store", config=as_dict(cfg))
     return wandb
 
 

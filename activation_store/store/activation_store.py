@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -9,19 +10,21 @@ import numpy as np
 import pyarrow as pa
 import zarr
 
-from activation_store import __version__
+from activation_store._version import __version__
 from activation_store.errors import (
     ChunkCorruptError,
     ChunkMissingError,
     ConfigError,
+    RowsNotCommittedError,
     ShardStateError,
     StoreExistsError,
     StoreFormatError,
     StoreNotFoundError,
     StoreVersionError,
+    UnknownLocationError,
 )
 from activation_store.store import layout
-from activation_store.store.chunk_io import ChunkCodec
+from activation_store.store.chunk_io import CRC_BYTES, ChunkCodec
 from activation_store.store.config import StoreConfig
 from activation_store.store.encoding import CodecSpec, fill_value, physical_dtype, to_float32
 from activation_store.store.images import SCHEMA as IMAGES_SCHEMA
@@ -80,11 +83,16 @@ class ShardInfo:
 
 @dataclass(frozen=True)
 class ChunkRef:
-    """A chunk of a location's main array: rows [row_start, row_stop) of it hold committed data."""
+    """Chunk `index` (along images) of array `array_key`, a location's main array or its CLS array.
 
+    The chunk covers array rows [index * rows_per_chunk, (index + 1) * rows_per_chunk); of those,
+    [row_start, row_stop) hold committed data of input shard `shard`, the rest is padding."""
+
+    array_key: str
     index: int
     row_start: int
     row_stop: int
+    rows_per_chunk: int
     shard: int
 
     @property
@@ -106,7 +114,7 @@ class ActivationStore:
         self.storage = storage
         self.attrs = root_attrs
         self._group = group
-        self.config = StoreConfig(**root_attrs["config"])
+        self.config = StoreConfig.from_attrs(root_attrs["config"])
         self.codec: CodecSpec = self.config.codec_spec()
         self.locations: list[str] = list(root_attrs["locations"])
         self.n_tokens: int = int(root_attrs["n_tokens"])
@@ -207,7 +215,10 @@ class ActivationStore:
                 f"(activation-store {__version__}) reads format {layout.FORMAT_MAJOR}.x only; "
                 f"install a version of activation-store that supports format {major}.x"
             )
-        return cls(storage, attrs, group)
+        try:
+            return cls(storage, attrs, group)
+        except (KeyError, TypeError, ValueError) as exc:  # ConfigError too: an invalid recorded config
+            raise StoreFormatError(f"{storage.url}: the store's root attributes are incomplete or invalid ({exc!r})") from exc
 
     @property
     def url(self) -> str:
@@ -217,21 +228,23 @@ class ActivationStore:
         return f"ActivationStore({self.url!r}, locations={self.locations}, images={self.n_images})"
 
     # ---------------------------------------------------------------- arrays
-    def _check_location(self, location) -> str:
+    def check_location(self, location) -> str:
+        """The store's name of `location` (a HookLocation, 'resid_22', ...); UnknownLocationError
+        when the store has no such location."""
         loc = str(location)
         if loc not in self.locations:
-            raise ConfigError(f"{self.url} has no location {loc!r}; it has {', '.join(self.locations)}")
+            raise UnknownLocationError(f"{self.url} has no location {loc!r}; it has {', '.join(self.locations)}")
         return loc
 
     def array(self, location) -> zarr.Array:
         """The main zarr array (images, tokens, d_model) of a location, in storage dtype."""
-        loc = self._check_location(location)
+        loc = self.check_location(location)
         if loc not in self._arrays:
             self._arrays[loc] = self._group[layout.array_key(loc)]
         return self._arrays[loc]
 
     def cls_array(self, location) -> zarr.Array:
-        loc = self._check_location(location)
+        loc = self.check_location(location)
         key = layout.cls_array_key(loc)
         if key not in self._arrays:
             self._arrays[key] = self._group[key]
@@ -250,9 +263,12 @@ class ActivationStore:
             found = []
             for _, sub in group.groups():
                 d = sub.attrs.get(layout.SHARD_ATTR)
-                if d is None:
-                    raise StoreFormatError(f"{self.url}: shard group {sub.path} has no '{layout.SHARD_ATTR}' attributes")
-                found.append(ShardInfo.from_attrs(d))
+                try:
+                    found.append(ShardInfo.from_attrs(d))
+                except (KeyError, TypeError, ValueError, AttributeError) as exc:  # absent (None) or damaged
+                    raise StoreFormatError(
+                        f"{self.url}: shard group {sub.path} has no valid '{layout.SHARD_ATTR}' attributes ({exc!r})"
+                    ) from exc
             self._shards = sorted(found, key=lambda s: s.index)
         return self._shards
 
@@ -334,21 +350,48 @@ class ActivationStore:
     def n_token_rows(self) -> int:
         return self.n_images * self.n_tokens
 
-    def chunks(self) -> list[ChunkRef]:
-        """Chunks of the main arrays holding committed rows, in store order (same for every location)."""
-        out, ci = [], self.chunk_images
-        for s in self.committed_shards():
-            for start in range(s.row_start, s.row_stop, ci):
-                out.append(ChunkRef(start // ci, start, min(start + ci, s.row_stop), s.index))
-        return out
-
-    def _check_committed(self, start: int, stop: int) -> None:
+    def _spans(self) -> list[tuple[int, int]]:
+        """Committed rows as maximal [start, stop) ranges: shards with no row between them merge."""
+        spans: list[list[int]] = []
         for a, b in self.row_ranges():
-            if a <= start and stop <= b:
-                return
-        raise ConfigError(
-            f"rows [{start}, {stop}) of {self.url} are not all committed; committed ranges: {self.row_ranges()}"
-        )
+            if spans and spans[-1][1] == a:
+                spans[-1][1] = b
+            else:
+                spans.append([a, b])
+        return [(a, b) for a, b in spans]
+
+    def chunk_refs(self, location, cls: bool = False, shards: Iterable[int] | None = None) -> list[ChunkRef]:
+        """Every chunk holding committed rows of a location's main array (of its CLS array when
+        `cls`), in store order; only chunks of the input shards with the given indices when `shards`
+        is given. Chunks never straddle two shards, so each ref belongs to exactly one."""
+        loc = self.check_location(location)
+        key, per = (layout.cls_array_key(loc), self.region_images) if cls else (layout.array_key(loc), self.chunk_images)
+        wanted = None if shards is None else {int(i) for i in shards}
+        return [
+            ChunkRef(key, start // per, start, min(start + per, s.row_stop), per, s.index)
+            for s in self.committed_shards() if wanted is None or s.index in wanted
+            for start in range(s.row_start, s.row_stop, per)
+        ]
+
+    def chunks(self, location=None) -> list[ChunkRef]:
+        """`chunk_refs` of a location's main array (the first location's by default)."""
+        return self.chunk_refs(self.locations[0] if location is None else location)
+
+    def _resolve_rows(self, start: int, stop: int | None) -> list[tuple[int, int]]:
+        """The row ranges a read of [start, stop) returns, concatenated (see `read_rows`)."""
+        if start < 0 or (stop is not None and stop < 0):
+            raise ConfigError(f"row numbers are array rows, >= 0; got start={start}, stop={stop}")
+        if stop is None:
+            return [(max(a, start), b) for a, b in self._spans() if b > start]
+        if stop <= start:
+            return []
+        if not any(a <= start and stop <= b for a, b in self._spans()):
+            raise RowsNotCommittedError(
+                f"rows [{start}, {stop}) of {self.url} are not all committed; committed ranges: {self.row_ranges()} "
+                f"(rows between them are region padding or belong to uncommitted shards). Leave stop=None to read "
+                f"every committed row"
+            )
+        return [(start, stop)]
 
     # ---------------------------------------------------------------- reading
     def chunk_codec(self, array_key: str) -> ChunkCodec | None:
@@ -357,7 +400,7 @@ class ActivationStore:
             arr = self._group[array_key]
             try:
                 self._codecs[array_key] = ChunkCodec([c.to_dict() for c in arr.metadata.codecs])
-            except ValueError:
+            except StoreFormatError:  # not one of our presets: zarr decodes it
                 self._codecs[array_key] = None
         return self._codecs[array_key]
 
@@ -373,7 +416,7 @@ class ActivationStore:
         codec = self.chunk_codec(array_key)
         if codec is not None and codec.uncompressed and self.storage.is_local:
             codec.pread_uncompressed(self.storage.path(key), out, what)
-            self.storage.count_read(out.nbytes + 4)
+            self.storage.count_read(out.nbytes + CRC_BYTES)
             return
         if codec is not None:
             data = self.storage.read_bytes(key)
@@ -388,61 +431,62 @@ class ActivationStore:
         except ValueError as exc:
             raise ChunkCorruptError(f"{what} is corrupt ({exc})") from exc
 
-    def _read_span(self, array_key: str, rows_per_chunk: int, start: int, stop: int, tail: tuple, select) -> np.ndarray:
-        """Rows [start, stop) of an array, chunk by chunk, through `fetch_chunk_into`."""
+    def _read(self, array_key: str, rows_per_chunk: int, start: int, stop: int | None, tail: tuple, select,
+              raw: bool) -> np.ndarray:
+        """The rows `_resolve_rows(start, stop)` of an array, chunk by chunk through
+        `fetch_chunk_into`, `select`ed and concatenated; float32 unless raw."""
         buf = np.empty((rows_per_chunk, *tail), dtype=physical_dtype(self.dtype))
         parts = []
-        for c in range(start // rows_per_chunk, (stop - 1) // rows_per_chunk + 1):
-            self.fetch_chunk_into(array_key, c, buf)
-            a, b = max(start, c * rows_per_chunk) - c * rows_per_chunk, min(stop, (c + 1) * rows_per_chunk) - c * rows_per_chunk
-            parts.append(select(buf[a:b]).copy())
-        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+        for a, b in self._resolve_rows(start, stop):
+            for c in range(a // rows_per_chunk, (b - 1) // rows_per_chunk + 1):
+                self.fetch_chunk_into(array_key, c, buf)
+                first = c * rows_per_chunk
+                parts.append(select(buf[max(a, first) - first:min(b, first + rows_per_chunk) - first]).copy())
+        if len(parts) == 1:
+            out = parts[0]
+        else:
+            out = np.concatenate(parts) if parts else select(buf[:0]).copy()
+        return out if raw else to_float32(out, self.dtype)
 
-    def read_chunk(self, location, index: int, raw: bool = True) -> np.ndarray:
-        """Committed rows of main-array chunk `index`: (rows, tokens, d_model), storage dtype unless raw=False."""
-        loc = self._check_location(location)
-        ref = self._chunk_ref(index)
-        out = np.empty((self.chunk_images, self.n_tokens, self.d_model), dtype=physical_dtype(self.dtype))
-        key = layout.chunk_key(layout.array_key(loc), index, 3)
-        self.fetch_chunk_into(layout.array_key(loc), index, out,
+    def read_chunk(self, location, index: int, raw: bool = False) -> np.ndarray:
+        """Committed rows of main-array chunk `index`: (rows, tokens, d_model), float32 unless raw=True
+        (then the storage dtype; bf16 as its uint16 bit patterns)."""
+        ref = next((r for r in self.chunk_refs(location) if r.index == index), None)
+        if ref is None:
+            raise RowsNotCommittedError(
+                f"chunk {index} of {self.url} holds no committed rows; list those that do with chunk_refs()"
+            )
+        out = np.empty((ref.rows_per_chunk, self.n_tokens, self.d_model), dtype=physical_dtype(self.dtype))
+        key = layout.chunk_key(ref.array_key, index, out.ndim)
+        self.fetch_chunk_into(ref.array_key, index, out,
                               f"chunk {key} (rows {ref.row_start}-{ref.row_stop - 1}, shard {layout.shard_name(ref.shard)})")
         out = out[: ref.n_rows]
         return out if raw else to_float32(out, self.dtype)
 
-    def _chunk_ref(self, index: int) -> ChunkRef:
-        start = index * self.chunk_images
-        for s in self.committed_shards():
-            if s.row_start <= start < s.row_stop:
-                return ChunkRef(index, start, min(start + self.chunk_images, s.row_stop), s.index)
-        raise ConfigError(f"chunk {index} of {self.url} holds no committed rows")
+    def read_rows(self, location, start: int = 0, stop: int | None = None, tokens: slice | None = None,
+                  raw: bool = False) -> np.ndarray:
+        """Images (rows, tokens, d_model) of a location, all tokens or the slice `tokens`; float32
+        unless raw=True (then the storage dtype; bf16 as its uint16 bit patterns).
 
-    def read_rows(self, location, start: int, stop: int, tokens: slice | None = None, raw: bool = False) -> np.ndarray:
-        """Rows [start, stop) of a location (committed rows only), all or a range of tokens; float32
-        unless raw=True."""
-        loc = self._check_location(location)
-        self._check_committed(start, stop)
+        Rows are array rows (the `row` column of `images()`). With `stop` given: exactly rows
+        [start, stop), every one of which must be committed (the range may run across input shards
+        with no padding or uncommitted rows between them), else RowsNotCommittedError. With
+        stop=None: every committed row from `start` on, in store order, concatenated across shards
+        (the padding of their regions skipped); by default that is every committed row."""
+        loc = self.check_location(location)
         tok = tokens or slice(None)
-        out = self._read_span(layout.array_key(loc), self.chunk_images, start, stop, (self.n_tokens, self.d_model),
-                              lambda x: x[:, tok])
-        return out if raw else to_float32(out, self.dtype)
+        return self._read(layout.array_key(loc), self.chunk_images, start, stop, (self.n_tokens, self.d_model),
+                          lambda x: x[:, tok], raw)
 
     def read_cls(self, location, start: int = 0, stop: int | None = None, raw: bool = False) -> np.ndarray:
-        """CLS tokens (rows, d_model) of committed rows [start, stop), from the small CLS array:
-        reads none of the patch tokens."""
-        loc = self._check_location(location)
-        stop = self.capacity if stop is None else stop
-        if stop <= start:
-            return np.empty((0, self.d_model), dtype=physical_dtype(self.dtype) if raw else np.float32)
-        self._check_committed(start, stop)
-        out = self._read_span(layout.cls_array_key(loc), self.region_images, start, stop, (self.d_model,), lambda x: x)
-        return out if raw else to_float32(out, self.dtype)
+        """CLS tokens (rows, d_model) of the rows `read_rows` would return for the same `start` and
+        `stop`, from the small CLS array: reads none of the patch tokens. float32 unless raw=True."""
+        loc = self.check_location(location)
+        return self._read(layout.cls_array_key(loc), self.region_images, start, stop, (self.d_model,), lambda x: x, raw)
 
     def read_all_cls(self, location, raw: bool = False) -> np.ndarray:
-        """Every committed CLS token, in store order."""
-        parts = [self.read_cls(location, a, b, raw=raw) for a, b in self.row_ranges()]
-        if not parts:
-            return np.empty((0, self.d_model), dtype=np.float32)
-        return np.concatenate(parts)
+        """Every committed CLS token, in store order: `read_cls(location)`."""
+        return self.read_cls(location, raw=raw)
 
     # ---------------------------------------------------------------- metadata and statistics
     def images(self, include_dropped: bool = False) -> pa.Table:
@@ -461,7 +505,7 @@ class ActivationStore:
         return table
 
     def shard_moments(self, shard: ShardInfo, location) -> dict[str, Moments]:
-        loc = self._check_location(location)
+        loc = self.check_location(location)
         li = self.locations.index(loc)
         arr = zarr.open_array(self.storage.zarr_store(), path=layout.shard_moments_key(shard.index), mode="r")
         counts = shard.commit["moment_counts"][loc]
@@ -489,7 +533,7 @@ class ActivationStore:
         """Measured rounding error of a lossy store over committed shards, with the bound it must meet."""
         if not self.codec.lossy:
             return None
-        loc = self._check_location(location)
+        loc = self.check_location(location)
         max_abs = max_rel = sq_err = sq_val = 0.0
         for s in self.committed_shards():
             e = s.commit.get("lossy_error", {}).get(loc)

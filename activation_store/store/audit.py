@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from activation_store.store import layout
 from activation_store.store.activation_store import ActivationStore, ShardInfo
-from activation_store.store.chunk_io import crc_of
+from activation_store.store.chunk_io import CRC_BYTES, crc_matches
 from activation_store.store.encoding import physical_dtype
 from activation_store.store.images import from_parquet_bytes
 
@@ -170,9 +170,7 @@ class Problem:
 
 def _crc_ok(data: bytes) -> bool:
     """Zarr's crc32c codec appends the little-endian crc32c of the preceding bytes."""
-    if len(data) < 4:
-        return False
-    return crc_of(np.frombuffer(data, np.uint8)[:-4]) == int.from_bytes(data[-4:], "little")
+    return len(data) >= CRC_BYTES and crc_matches(memoryview(data)[:-CRC_BYTES], data[-CRC_BYTES:])
 
 
 def verify(store: ActivationStore, workers: int = 8, progress: bool = True) -> list[Problem]:

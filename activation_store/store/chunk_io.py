@@ -5,7 +5,8 @@ crc32c), so a chunk object is `payload + crc32c(payload)` (4 bytes, little endia
 the matching numcodecs codec. Reading it ourselves lets a reader reuse its buffers (no fresh 8 MiB
 allocation and page faults per chunk), read uncompressed chunks from local disk with one `preadv`
 straight into the destination, and decode in threads (numcodecs releases the GIL). Any other codec
-chain (a store rewritten by other tools) goes through zarr instead."""
+chain (a store rewritten by other tools) makes `ChunkCodec` raise StoreFormatError; readers then go
+through zarr instead."""
 
 from __future__ import annotations
 
@@ -14,43 +15,49 @@ import os
 import numcodecs
 import numcodecs.blosc
 import numpy as np
+from crc32c import crc32c  # hardware crc32c that releases the GIL: ~20 GB/s a core, ~5 GB/s for zarr's
 
-from activation_store.errors import ChunkCorruptError, ChunkMissingError
+from activation_store.errors import ChunkCorruptError, ChunkMissingError, StoreFormatError
+
+CRC_BYTES = 4
+_CRC_MISMATCH = "crc32c checksum mismatch; run `actstore verify` to list every bad chunk"
+_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 
 
-try:  # hardware crc32c that releases the GIL: ~20 GB/s a core here, against ~5 GB/s under the GIL
-    from crc32c import crc32c as _crc32c_fast
-except ImportError:  # pragma: no cover - crc32c is a dependency; google_crc32c comes with zarr
-    _crc32c_fast = None
+def crc_bytes(payload) -> bytes:
+    """The checksum zarr's crc32c codec appends to `payload`: its CRC-32C, 4 bytes little endian."""
+    return crc32c(payload).to_bytes(CRC_BYTES, "little")
 
 
-def crc_of(buf: np.ndarray) -> int:
-    if _crc32c_fast is not None:
-        return _crc32c_fast(buf)
-    import google_crc32c
-
-    ro = buf.view()
-    ro.flags.writeable = False  # google_crc32c takes read-only buffers only
-    return google_crc32c.value(ro)
+def crc_matches(payload, stored_crc) -> bool:
+    """Whether `stored_crc` (the 4 bytes after a chunk object's payload) is the checksum of
+    `payload`. The package's one checksum check: readers, `pread` and `verify` all use it."""
+    return len(stored_crc) == CRC_BYTES and crc_bytes(payload) == bytes(stored_crc)
 
 
 class ChunkCodec:
-    """Encodes and decodes the chunk objects of one of our presets (see docs/format.md)."""
+    """Encodes and decodes the chunk objects of one of our presets (see docs/format.md).
+
+    Raises StoreFormatError for any other codec chain."""
 
     def __init__(self, codec_chain: list[dict]) -> None:
-        names = [c["name"] for c in codec_chain]
-        if names[0] != "bytes" or names[-1] != "crc32c" or len(names) > 3:
-            raise ValueError(f"not an activation-store codec chain: {names}")
+        names = [c.get("name") for c in codec_chain]
+        if len(names) not in (2, 3) or names[0] != "bytes" or names[-1] != "crc32c":
+            raise StoreFormatError(f"not an activation-store codec chain: {names}")
         self.compressor = names[1] if len(names) == 3 else None
         if self.compressor not in (None, "zstd", "blosc"):
-            raise ValueError(f"unsupported compressor {self.compressor}")
-        self._zstd = numcodecs.Zstd(level=codec_chain[1]["configuration"]["level"]) if self.compressor == "zstd" else None
-        if self.compressor == "blosc":
-            cfg = codec_chain[1]["configuration"]
-            shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[cfg["shuffle"]]
-            self._blosc = numcodecs.Blosc(cname=cfg["cname"], clevel=cfg["clevel"], shuffle=shuffle,
-                                          blocksize=cfg.get("blocksize", 0))
-            self._typesize = cfg["typesize"]
+            raise StoreFormatError(f"unsupported compressor {self.compressor!r} in codec chain {names}")
+        self._zstd = self._blosc = None
+        try:
+            cfg = (codec_chain[1].get("configuration") or {}) if self.compressor else {}
+            if self.compressor == "zstd":
+                self._zstd = numcodecs.Zstd(level=cfg["level"])
+            elif self.compressor == "blosc":
+                self._blosc = numcodecs.Blosc(cname=cfg["cname"], clevel=cfg["clevel"], shuffle=_SHUFFLE[cfg["shuffle"]],
+                                              blocksize=cfg.get("blocksize", 0))
+                self._typesize = cfg["typesize"]
+        except (KeyError, TypeError) as exc:
+            raise StoreFormatError(f"codec chain {names}: configuration of {self.compressor} not understood ({exc!r})") from exc
 
     def encode(self, chunk: np.ndarray) -> list:
         """The stored object of a whole chunk, as buffers to write one after the other."""
@@ -61,47 +68,47 @@ class ChunkCodec:
             payload = np.frombuffer(self._zstd.encode(chunk), np.uint8)
         else:
             if chunk.dtype.itemsize != self._typesize:
-                raise ValueError(f"blosc typesize {self._typesize} does not match dtype {chunk.dtype}")
+                raise StoreFormatError(f"blosc typesize {self._typesize} of the codec chain does not match dtype {chunk.dtype}")
             payload = np.frombuffer(self._blosc.encode(chunk), np.uint8)
-        return [payload, crc_of(payload).to_bytes(4, "little")]
+        return [payload, crc_bytes(payload)]
 
     @property
     def uncompressed(self) -> bool:
         return self.compressor is None
 
     def decode_into(self, data, out: np.ndarray, what: str) -> None:
-        """`data`: the stored object's bytes; `out`: C-contiguous array of the chunk's full shape."""
+        """`data`: the stored object's bytes; `out`: C-contiguous array of the chunk's full shape.
+        Raises ChunkCorruptError when the checksum fails or the payload does not decode to `out`."""
         raw = np.frombuffer(data, dtype=np.uint8)
-        payload, stored_crc = raw[:-4], int.from_bytes(raw[-4:].tobytes(), "little")
-        if crc_of(payload) != stored_crc:
-            raise ChunkCorruptError(f"{what}: crc32c checksum mismatch; run `actstore verify` to list every bad chunk")
+        payload = raw[:-CRC_BYTES]
+        if not crc_matches(payload, raw[-CRC_BYTES:]):
+            raise ChunkCorruptError(f"{what}: {_CRC_MISMATCH}")
+        if self.compressor is None:
+            if payload.nbytes != out.nbytes:
+                raise ChunkCorruptError(f"{what}: does not decode ({payload.nbytes} bytes, expected {out.nbytes})")
+            out.reshape(-1).view(np.uint8)[:] = payload
+            return
         try:
-            if self.compressor is None:
-                if payload.nbytes != out.nbytes:
-                    raise ValueError(f"{payload.nbytes} bytes, expected {out.nbytes}")
-                out.reshape(-1).view(np.uint8)[:] = payload
-            elif self.compressor == "zstd":
+            if self.compressor == "zstd":
                 self._zstd.decode(payload, out=out)
             else:
                 numcodecs.blosc.decompress(payload, out)
-        except ChunkCorruptError:
-            raise
         except Exception as exc:  # a checksum-valid object that does not decode: written by something else
             raise ChunkCorruptError(f"{what}: does not decode ({exc})") from exc
 
     def pread_uncompressed(self, path: str, out: np.ndarray, what: str) -> None:
         """Local, uncompressed: one preadv straight into `out`, then the checksum."""
-        crc = bytearray(4)
+        crc = bytearray(CRC_BYTES)
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError as exc:
             raise ChunkMissingError(f"{what} is missing from storage; run `actstore verify`") from exc
         try:
             size = os.fstat(fd).st_size
-            if size != out.nbytes + 4:
-                raise ChunkCorruptError(f"{what}: {size} bytes on disk, expected {out.nbytes + 4}")
+            if size != out.nbytes + CRC_BYTES:
+                raise ChunkCorruptError(f"{what}: {size} bytes on disk, expected {out.nbytes + CRC_BYTES}")
             os.preadv(fd, [out.reshape(-1).view(np.uint8), crc], 0)
         finally:
             os.close(fd)
-        if crc_of(out.reshape(-1).view(np.uint8)) != int.from_bytes(crc, "little"):
-            raise ChunkCorruptError(f"{what}: crc32c checksum mismatch; run `actstore verify` to list every bad chunk")
+        if not crc_matches(out.reshape(-1).view(np.uint8), crc):
+            raise ChunkCorruptError(f"{what}: {_CRC_MISMATCH}")

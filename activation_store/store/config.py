@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 
+from activation_store.configs import option
 from activation_store.errors import ConfigError
-from activation_store.store.encoding import CodecSpec, canonical_dtype
+from activation_store.store.encoding import PRESETS, CodecSpec, canonical_dtype
 
 DEFAULT_CHUNK_IMAGES = 16  # 16 x 257 tokens = 4,112 rows, 8.4 MB in fp16 at d=1024: see docs/benchmarks.md
 DEFAULT_REGION_IMAGES = 1024
@@ -21,13 +22,14 @@ class StoreConfig:
         a multiple of chunk_images, so no chunk of either array is shared by two input shards.
     """
 
-    dtype: str = "fp16"
-    codec: str = DEFAULT_CODEC
-    zstd_level: int = 1
-    keepbits: int | None = None
-    chunk_images: int = DEFAULT_CHUNK_IMAGES
-    region_images: int = DEFAULT_REGION_IMAGES
-    extra: dict = field(default_factory=dict)
+    dtype: str = option("fp16", help="storage dtype", choices=("fp16", "bf16", "fp32"))
+    codec: str = option(DEFAULT_CODEC, help="codec preset", choices=PRESETS, flag="--codec")
+    zstd_level: int = option(1, help="zstd level of the compressed presets")
+    keepbits: int | None = option(None, help="mantissa bits kept by the bitround preset (default: fp16 7, bf16 5, "
+                                  "fp32 10)")
+    chunk_images: int = option(DEFAULT_CHUNK_IMAGES, help="images per chunk", flag="--chunk-images")
+    region_images: int = option(DEFAULT_REGION_IMAGES, help="shard region alignment and CLS chunk size",
+                                flag="--region-images")
 
     def __post_init__(self) -> None:
         self.dtype = canonical_dtype(self.dtype)
@@ -47,3 +49,10 @@ class StoreConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_attrs(cls, d: dict) -> StoreConfig:
+        """The configuration a store's root attributes record. Keys this version does not know are
+        ignored: `extra` (written by earlier versions, never read) and any a later 1.x adds."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

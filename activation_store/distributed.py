@@ -1,0 +1,31 @@
+"""Which process of how many this is: one answer for the harvest, the readers and the trainer."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from activation_store.errors import ConfigError
+
+
+def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(rank, world size). Explicit values win; then an initialised torch.distributed process group;
+    then torchrun's RANK/WORLD_SIZE; then SLURM's SLURM_PROCID/SLURM_NTASKS; else a single process.
+
+    torch is consulted only when something already imported it, so store-only tools stay light."""
+    dist = getattr(sys.modules.get("torch"), "distributed", None)
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank() if rank is None else rank
+        world_size = dist.get_world_size() if world_size is None else world_size
+    env = os.environ
+    try:
+        if rank is None:
+            rank = int(env.get("RANK", env.get("SLURM_PROCID", 0)))
+        if world_size is None:
+            world_size = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
+    except ValueError as exc:
+        raise ConfigError(f"RANK/WORLD_SIZE (or SLURM_PROCID/SLURM_NTASKS) must be integers: {exc}") from exc
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} is not in [0, world size {world_size}); check --rank/--world-size "
+                          f"or the launcher's RANK/WORLD_SIZE")
+    return int(rank), int(world_size)

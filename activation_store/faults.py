@@ -1,0 +1,26 @@
+"""Deterministic kill points for crash tests: a process started with
+`ACTSTORE_KILL_AT=<point>:<n>` kills itself with SIGKILL the n-th time it reaches `<point>`, so a
+test kills a run at an exact place instead of after a sleep that a fast run outlives.
+
+Points: `train_step` (after an optimiser step), `harvest_batch` (after a batch is handed to the
+shard writer), `chunk_written` (after a chunk object is written). Unset, it costs one dict lookup."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+ENV = "ACTSTORE_KILL_AT"
+_seen: dict[str, int] = {}
+
+
+def kill_point(point: str) -> None:
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    name, _, n = spec.partition(":")
+    if name != point:
+        return
+    _seen[point] = _seen.get(point, 0) + 1
+    if _seen[point] >= int(n or 1):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,58 @@
+"""ReaderConfig: what a reader reads and how (one dataclass; readers, the trainer and the CLI use it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from activation_store.configs import check_choice, comma_list, option
+from activation_store.errors import ConfigError
+
+OUTPUT_DTYPES = ("float32", "bfloat16", "float16")
+NORMALIZE_MODES = ("none", "standardize", "unit_mean_sq_norm")
+SPLITS = ("all", "train", "eval")
+
+
+def parse_tokens(text: str):
+    """'all', 'cls', 'patches' or token indices '0,5,9'."""
+    return text if text in ("all", "cls", "patches") else comma_list(int)(text)
+
+
+@dataclass
+class ReaderConfig:
+    """`epochs=None` reads forever (a new permutation every epoch)."""
+
+    location: str | None = option(None, help="hook location to read, e.g. resid_22")
+    tokens: object = option("all", help="all, cls, patches, or token indices 0,5,9", parse=parse_tokens)
+    batch_size: int = option(4096, help="vectors per batch")
+    buffer_tokens: int = option(2**19, help="tokens per window; two windows are held (one served, one loading)")
+    seed: int = option(0, help="shuffle seed (the trainer also seeds the SAE's initialisation with it)")
+    rank: int | None = option(None, help="this reader's rank (default: torch.distributed, $RANK or 0)")
+    world_size: int | None = option(None, help="number of ranks (default: torch.distributed, $WORLD_SIZE or 1)")
+    epochs: int | None = option(1, help="passes over the data; none reads forever", parse=lambda s: None
+                                if s.lower() == "none" else int(s))
+    dtype: str = option("float32", help="dtype of the yielded tensors", choices=OUTPUT_DTYPES)
+    device: str = option("cpu", help="device of the yielded tensors: cpu, cuda, cuda:1 ...")
+    normalize: str = option("none", help="normalisation from the store's statistics", choices=NORMALIZE_MODES)
+    drop_last: bool = option(False, help="drop the last, smaller batch of each epoch")
+    return_ids: bool = option(False, help="also yield (image_row, token_index) per vector")
+    threads: int = option(4, help="chunk fetch/decode threads")
+    shuffle: bool = option(True, help="shuffle (False: store order)")
+    split: str = option("all", help="all images, or 'train'/'eval': images split by a fixed hash of their row",
+                        choices=SPLITS)
+    holdout: float = option(0.05, help="share of images in the 'eval' split")
+
+    def __post_init__(self) -> None:
+        if self.location is not None:
+            self.location = str(self.location)
+        if not isinstance(self.tokens, str):
+            self.tokens = [int(t) for t in self.tokens]
+        for name in ("batch_size", "buffer_tokens", "threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1 or None (forever), got {self.epochs}")
+        check_choice("dtype", self.dtype, OUTPUT_DTYPES)
+        check_choice("normalize", self.normalize, NORMALIZE_MODES)
+        check_choice("split", self.split, SPLITS)
+        if not 0 <= self.holdout < 1:
+            raise ConfigError(f"holdout must be in [0, 1), got {self.holdout}")

@@ -1,0 +1,112 @@
+"""The evaluation report, and only here: images fetched back from the store's metadata, 3x3 image
+grids, the token-wise MSE heatmap, training curves and the HTML page (sort-eval uses the grids)."""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from activation_store.tar_shards import image_of, read_sample
+
+
+class ImageFetcher:
+    """An image of the store, by row, through its metadata: a file path (folders) or a tar member
+    (webdataset shards); a grey tile when the source moved or is unreadable."""
+
+    def __init__(self, store, storage_options: dict | None = None) -> None:
+        table = store.images().to_pylist()
+        self.by_row = {r["row"]: r for r in table}
+        self.storage_options = storage_options
+
+    def get(self, row: int) -> Image.Image:
+        meta = self.by_row.get(row)
+        try:
+            if meta and meta.get("url") and Path(meta["url"]).is_file():
+                return Image.open(meta["url"]).convert("RGB")
+            if meta and str(meta.get("source_shard", "")).endswith(".tar"):
+                data = image_of(read_sample(meta["source_shard"], meta["key"], self.storage_options) or {})
+                if data is not None:
+                    return Image.open(io.BytesIO(data)).convert("RGB")
+        except Exception:  # a moved or unreadable source: show a blank tile, keep the report
+            pass
+        return Image.new("RGB", (224, 224), (200, 200, 200))
+
+
+def grid_png(imgs: list[Image.Image], path: Path, size: int = 160) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid = Image.new("RGB", (3 * size, 3 * size), (255, 255, 255))
+    for i, im in enumerate(imgs[:9]):
+        im = im.copy()
+        im.thumbnail((size, size))
+        grid.paste(im, ((i % 3) * size + (size - im.width) // 2, (i // 3) * size + (size - im.height) // 2))
+    grid.save(path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path, dpi: int) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    _pyplot().close(fig)
+    return path.name
+
+
+def tokenwise_png(values: list[float], path: Path) -> str:
+    plt = _pyplot()
+    v = np.asarray(values, dtype=float)
+    side = int(round(math.sqrt(len(v) - 1)))
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    if side * side == len(v) - 1:
+        im = ax.imshow(v[1:].reshape(side, side), cmap="viridis")
+        fig.colorbar(im, ax=ax, label="MSE")
+        ax.set_title(f"token-wise MSE ({side}x{side} patches); CLS: {v[0]:.4g}")
+    else:
+        ax.plot(v)
+        ax.set_title("token-wise MSE by position (0 = CLS)")
+    return _save(fig, path, 100)
+
+
+def curves_png(jsonl: Path, path: Path) -> str:
+    plt = _pyplot()
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    keys = [k for k in ("mse", "explained_variance", "l0", "dead_proportion", "auxk", "lr") if k in rows[0]]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6))
+    for ax, key in zip(axes.flat, keys):
+        ax.plot([r["tokens"] for r in rows], [r[key] for r in rows])
+        ax.set_title(key)
+        ax.set_xlabel("tokens")
+    return _save(fig, path, 90)
+
+
+def write_html(result: dict, figures: dict, out: Path) -> None:
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v if not isinstance(v, float) else round(v, 6)))}</td></tr>"
+                   for k, v in result.items() if k not in ("tokenwise_mse", "grids"))
+    figs = "".join(f'<figure><img src="{html.escape(f)}" alt="{html.escape(k)}"><figcaption>{html.escape(k)}</figcaption></figure>'
+                   for k, f in figures.items())
+    grids = "".join(f'<figure><img src="{html.escape(g["file"])}" alt="latent {g["latent"]}" width="240">'
+                    f'<figcaption>latent {g["latent"]}, {html.escape(g["token"])}: top {len(g["values"])} '
+                    f'{html.escape(str(g["values"][:3]))}...</figcaption></figure>' for g in result["grids"])
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>SAE evaluation</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td{{border:1px solid #ccc;padding:3px 8px}}
+figure{{display:inline-block;margin:6px}}</style></head><body>
+<h1>SAE evaluation: {html.escape(result['location'])}</h1>
+<p>{'Held-out images (split by image)' if result['split'] == 'eval' else 'Training images (the run held out none)'}: {result['eval_images']} images, {result['eval_tokens']} tokens.</p>
+<table>{rows}</table><h2>Figures</h2>{figs}<h2>Top activating images (3x3, best first)</h2>{grids}
+<script>window.addEventListener("load", () => {{ const im = [...document.images];
+document.body.setAttribute("data-images-loaded", im.filter(i => i.complete && i.naturalWidth > 0).length + "/" + im.length);
+}});</script>
+</body></html>"""
+    (out / "report.html").write_text(page)
