@@ -4,16 +4,12 @@ dataclasses (configs.add_arguments), so each setting, default and help text is w
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
 from activation_store import configs
 from activation_store.errors import ActivationStoreError, ConfigError
-
-# reader settings the trainer decides itself (TrainerConfig refuses others)
-TRAIN_EXCLUDE = frozenset(f"reader.{k}" for k in ("epochs", "shuffle", "drop_last", "return_ids", "rank",
-                                                    "world_size", "dtype", "split"))
-
 
 def _storage_options(args) -> dict | None:
     opts = {}
@@ -38,9 +34,10 @@ def _add_store_args(p: argparse.ArgumentParser) -> None:
     _add_remote_args(p)
 
 
-def _config(args, cls, section: str, exclude=frozenset()):
+def _config(args, section: str):
     """The command's config: dataclass defaults, then --config FILE, then the flags given."""
-    overrides = configs.overrides_from_args(args, cls, exclude)
+    cls = _config_type(args.config_type)
+    overrides = configs.overrides_from_args(args, cls)
     opts = _storage_options(args)
     if opts:
         overrides["storage_options"] = opts
@@ -74,10 +71,9 @@ def cmd_verify(args) -> int:
 
 
 def cmd_harvest(args) -> int:
-    from activation_store.harvest.config import HarvestConfig
     from activation_store.harvest.run import harvest
 
-    report = harvest(_config(args, HarvestConfig, "harvest"))
+    report = harvest(_config(args, "harvest"))
     imgs, shards = report["images"], report["input_shards"]
     if shards["skipped_committed"]:
         print(f"{shards['skipped_committed']} of this rank's {shards['this_rank']} input shards were already committed: skipped")
@@ -89,9 +85,9 @@ def cmd_harvest(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from activation_store.sae.trainer import TrainerConfig, train
+    from activation_store.sae.trainer import train
 
-    result = train(_config(args, TrainerConfig, "train", TRAIN_EXCLUDE))
+    result = train(_config(args, "train"))
     last = result["last"]
     print(f"trained {result['tokens']:,} tokens in {result['steps']:,} steps"
           + (f" (resumed from {result['resumed_from']})" if result["resumed_from"] else "")
@@ -103,9 +99,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from activation_store.sae.evaluate import EvalConfig, evaluate
+    from activation_store.sae.evaluate import evaluate
 
-    cfg = _config(args, EvalConfig, "eval")
+    cfg = _config(args, "eval")
     result = evaluate(cfg)
     print(f"{result['location']}: mse {result['mse']:.4g}, explained variance {result['explained_variance']:.3f}, "
           f"nmse {result['nmse']:.3f}, L0 {result['l0']:.1f} on {result['eval_images']} "
@@ -120,11 +116,26 @@ def cmd_demo(args) -> int:
     return run_demo(args.out, device=args.device)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from activation_store.harvest.config import HarvestConfig
-    from activation_store.sae.evaluate import EvalConfig
-    from activation_store.sae.trainer import TrainerConfig
+def _config_type(spec: str):
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
 
+
+def _config_command(sub, wanted: str | None, name: str, func, config: str, help: str, description: str,
+                    config_help: str, remote: str = "stores") -> None:
+    """A command whose flags are its config dataclass's fields. They are derived only for the
+    command being run, so `actstore info` never imports torch for the trainer's flags."""
+    p = sub.add_parser(name, help=help, description=description)
+    if wanted == name:
+        configs.add_arguments(p, _config_type(config))
+    p.add_argument("--config", help=config_help)
+    _add_remote_args(p, remote)
+    p.set_defaults(func=func, config_type=config)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    argv = sys.argv[1:] if argv is None else argv
+    wanted = next((a for a in argv if not a.startswith("-")), None)
     parser = argparse.ArgumentParser(
         prog="actstore",
         description="Store ViT activations once in Zarr, and read them back for SAE training.",
@@ -148,37 +159,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("harvest", help="run an open_clip ViT over images and store its residual stream",
-                       description="Run an open_clip ViT once over URLs (via img2dataset), webdataset shards or an "
-                       "image folder, and store the residual stream of the requested layers. Resumable: rerun the same "
-                       "command after a crash. Split across processes with --rank/--world-size (or torchrun/SLURM "
-                       "variables).")
-    configs.add_arguments(p, HarvestConfig)
-    p.add_argument("--config", help="TOML or YAML file with these settings (nested [model], [store], [download] "
-                   "tables, or all under [harvest]); flags override it")
-    _add_remote_args(p, "stores and shards")
-    p.set_defaults(func=cmd_harvest)
-
-    p = sub.add_parser("train", help="train a TopK SAE on one location of a store (resumable)",
-                       description="Train a TopK SAE (OpenAI's recipe: AuxK, unit-norm decoder, Adam with warm-up "
-                       "and decay) on shuffled tokens of one location. Checkpoints every --checkpoint-every tokens; "
-                       "rerunning the same command resumes from the newest checkpoint.")
-    configs.add_arguments(p, TrainerConfig, TRAIN_EXCLUDE)
-    p.add_argument("--config", help="TOML or YAML file with TrainerConfig's fields (top level or a [train] table, "
-                   "with nested [reader] and [sae] tables); flags override it")
-    _add_remote_args(p)
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("eval", help="evaluate an SAE checkpoint on held-out images: metrics, plots, image grids, HTML",
-                       description="Evaluate a checkpoint written by `actstore train` on the images held out of "
-                       "training (split by image), on the tokens it was trained on: CLIP-Scope's metrics "
-                       "(docs/metrics.md), a token-wise MSE heatmap, training curves, top-9 image grids per latent, "
-                       "and OUT/report.html. Another SAE (a CLIP-Scope .pt file, a SAELens folder) is evaluated on "
-                       "every image of STORE at --location.")
-    configs.add_arguments(p, EvalConfig)
-    p.add_argument("--config", help="TOML or YAML file with EvalConfig's fields (top level or an [eval] table)")
-    _add_remote_args(p)
-    p.set_defaults(func=cmd_eval)
+    _config_command(sub, wanted, "harvest", cmd_harvest, "activation_store.harvest.config:HarvestConfig",
+                    "run an open_clip ViT over images and store its residual stream",
+                    "Run an open_clip ViT once over URLs (via img2dataset), webdataset shards or an image folder, and "
+                    "store the residual stream of the requested layers. Resumable: rerun the same command after a "
+                    "crash. Split across processes with --rank/--world-size (or torchrun/SLURM variables).",
+                    "TOML or YAML file with these settings (nested [model], [store], [download] tables, or all "
+                    "under [harvest]); flags override it", remote="stores and shards")
+    _config_command(sub, wanted, "train", cmd_train, "activation_store.sae.trainer:TrainerConfig",
+                    "train a TopK SAE on one location of a store (resumable)",
+                    "Train a TopK SAE (OpenAI's recipe: AuxK, unit-norm decoder, Adam with warm-up and decay) on "
+                    "shuffled tokens of one location. Checkpoints every --checkpoint-every tokens; rerunning the "
+                    "same command resumes from the newest checkpoint.",
+                    "TOML or YAML file with TrainerConfig's fields (top level or a [train] table, with nested "
+                    "[reader] and [sae] tables); flags override it")
+    _config_command(sub, wanted, "eval", cmd_eval, "activation_store.sae.evaluate:EvalConfig",
+                    "evaluate an SAE checkpoint on held-out images: metrics, plots, image grids, HTML",
+                    "Evaluate a checkpoint written by `actstore train` on the images held out of training (split by "
+                    "image), on the tokens it was trained on: CLIP-Scope's metrics (docs/metrics.md), a token-wise "
+                    "MSE heatmap, training curves, top-9 image grids per latent, and OUT/report.html. Another SAE "
+                    "(a CLIP-Scope .pt file, a SAELens folder) is evaluated on every image of STORE at --location.",
+                    "TOML or YAML file with EvalConfig's fields (top level or an [eval] table)")
 
     p = sub.add_parser("demo", help="the README's demo: bundled photos -> harvest -> store -> SAE -> eval report",
                        description="Harvest the bundled CC0 photos with ViT-L-14 (random weights when the "
@@ -192,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return args.func(args)
     except ActivationStoreError as exc:

@@ -147,27 +147,35 @@ def load(cls, config_file: str | None = None, section: str = "", overrides: dict
 
 
 # ---------------------------------------------------------------------------- the CLI
-def _flag_fields(cls, prefix: str = "", path: tuple = (), exclude=frozenset()):
-    """(dest path, flag, field, type) of every field offered on the command line, nested ones flattened."""
+def _flag_fields(cls, prefix: str = "", path: tuple = (), exclude=frozenset(), defaults=None):
+    """(dest path, flag, field, type, default) of every field offered on the command line, nested
+    configs flattened; a nested field's default is that of the config's own default instance (the
+    trainer's reader normalises by default, a bare ReaderConfig does not)."""
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
         dotted = ".".join((*path, f.name))
         if not f.metadata.get("cli", True) or dotted in exclude:
             continue
+        default = getattr(defaults, f.name) if defaults is not None else _default_of(f)
         nested = _nested_type(hints[f.name])
         if nested is not None:
-            yield from _flag_fields(nested, prefix + f.metadata.get("prefix", ""), (*path, f.name), exclude)
+            yield from _flag_fields(nested, prefix + f.metadata.get("prefix", ""), (*path, f.name), exclude,
+                                    default if dataclasses.is_dataclass(default) else None)
             continue
         flag = f.metadata.get("flag") or "--" + prefix + f.name.replace("_", "-")
-        yield (*path, f.name), flag, f, hints[f.name]
+        yield (*path, f.name), flag, f, hints[f.name], default
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls, exclude=frozenset()) -> None:
+def cli_exclude(cls) -> frozenset:
+    """Dotted fields a config keeps off the command line (its `CLI_EXCLUDE` class attribute)."""
+    return frozenset(getattr(cls, "CLI_EXCLUDE", ()))
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     """A flag (or positional argument) for each field of `cls`, with its help text and default."""
-    for dest, flag, f, tp in _flag_fields(cls, exclude=exclude):
+    for dest, flag, f, tp, default in _flag_fields(cls, exclude=cli_exclude(cls)):
         if "help" not in f.metadata:
             raise TypeError(f"{cls.__name__}.{'.'.join(dest)} has no help text: declare it with option()")
-        default = _default_of(f)
         text = f.metadata["help"]
         if default is not dataclasses.MISSING and default is not None and not f.metadata.get("positional"):
             shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
@@ -188,13 +196,15 @@ def add_arguments(parser: argparse.ArgumentParser, cls, exclude=frozenset()) -> 
             del kwargs["dest"]
             parser.add_argument(".".join(dest), nargs="?", **kwargs)
         else:
+            if "action" not in kwargs and "choices" not in kwargs:
+                kwargs["metavar"] = dest[-1].upper()
             parser.add_argument(flag, **kwargs)
 
 
-def overrides_from_args(args: argparse.Namespace, cls, exclude=frozenset()) -> dict:
+def overrides_from_args(args: argparse.Namespace, cls) -> dict:
     """The flags that were given, as nested values for `load`."""
     out: dict = {}
-    for dest, _flag, _f, _tp in _flag_fields(cls, exclude=exclude):
+    for dest, *_ in _flag_fields(cls, exclude=cli_exclude(cls)):
         value = getattr(args, ".".join(dest), None)
         if value is None:
             continue

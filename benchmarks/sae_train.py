@@ -21,7 +21,7 @@ import torch
 
 from activation_store.sae import metrics
 from activation_store.sae.model import TopKSAE
-from activation_store.sae.trainer import sae_step
+from activation_store.sae.trainer import TrainingStep, sae_step
 
 
 def dense_baseline_step(params, opt, x, k):
@@ -36,10 +36,10 @@ def dense_baseline_step(params, opt, x, k):
     opt.step()
 
 
-def our_step(sae, opt, x, dead, k_aux, dead_mask):
+def our_step(step, opt, x, dead, dead_mask):
     """The trainer's own step; `dead_mask` is fixed so that AuxK costs what it costs in a run with
     that many dead latents (on random data few would die within a short benchmark)."""
-    sae_step(sae, opt, x, dead, k_aux, 1 / 32, aux_dead=dead_mask)
+    sae_step(step, opt, x, dead, aux_dead=dead_mask)
 
 
 def rate(step, x, steps, sync) -> float:
@@ -73,7 +73,8 @@ def main(argv=None) -> int:
         opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
         dead = metrics.DeadLatents(n, window=10 * args.batch_size, device=dev)
         dead_mask = torch.rand(n, generator=torch.Generator().manual_seed(1)).to(dev) < args.dead_fraction
-        ours = rate(lambda b: our_step(sae, opt, b, dead, args.d_in // 2, dead_mask), x, args.steps, sync)
+        step = TrainingStep(sae, args.d_in // 2, 1 / 32)
+        ours = rate(lambda b: our_step(step, opt, b, dead, dead_mask), x, args.steps, sync)
         params = [p.detach().clone().requires_grad_(True) for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]
         bopt = torch.optim.Adam(params, lr=1e-4)
         base = rate(lambda b: dense_baseline_step(params, bopt, b, args.k), x, args.steps, sync)

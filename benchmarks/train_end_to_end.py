@@ -27,7 +27,7 @@ import torch
 from activation_store import ShuffledReader
 from activation_store.sae import metrics
 from activation_store.sae.model import TopKSAE
-from activation_store.sae.trainer import TrainerConfig, train
+from activation_store.sae.trainer import TrainerConfig, TrainingStep, train
 from read_throughput import LOC, build_store
 from sae_train import our_step, rate
 
@@ -65,7 +65,10 @@ def main(argv=None) -> int:
 
     # the bare step on one resident batch; AuxK idle here and in the trainer (no latent is silent
     # for its window), so both do the same work and the difference is the reading
-    cfg = TrainerConfig(store=str(work / "store.zarr"), out=str(work / "run"), total_tokens=args.tokens, warmup_tokens=0, checkpoint_every_tokens=10**15, log_every_steps=10**9, dead_tokens=10**15, reader={"location": LOC, "batch_size": args.batch_size, "device": args.device}, sae={"n_latents": args.latents, "k": args.k})
+    cfg = TrainerConfig(store=str(work / "store.zarr"), out=str(work / "run"), total_tokens=args.tokens,
+                        warmup_tokens=0, checkpoint_every_tokens=10**15, log_every_steps=10**9, dead_tokens=10**15,
+                        reader={"location": LOC, "batch_size": args.batch_size, "device": args.device},
+                        sae={"n_latents": args.latents, "k": args.k})
     sae = TopKSAE(args.d_model, args.latents, args.k, seed=0).to(dev)
     sae.init_b_dec_(resident[0])  # as the trainer does
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate())
@@ -73,8 +76,8 @@ def main(argv=None) -> int:
     mask = torch.zeros(args.latents, dtype=torch.bool, device=dev)
     steps = args.tokens // args.batch_size  # as many as the trainer takes: early steps cost more
     batches = itertools.cycle(resident)
-    step_rate = rate(lambda _: our_step(sae, opt, next(batches), dead, args.d_model // 2, mask), resident[0], steps,
-                     sync)
+    step = TrainingStep(sae, args.d_model // 2, cfg.auxk_coef)
+    step_rate = rate(lambda _: our_step(step, opt, next(batches), dead, mask), resident[0], steps, sync)
 
     # the trainer end to end; its own clock starts at the first batch
     result = train(cfg)

@@ -222,3 +222,51 @@ def test_train_and_eval_splits_are_by_image_disjoint_and_complete(store):
     assert not train_rows & eval_rows and train_rows | eval_rows == set(store.test_rows.tolist())
     assert 0 < len(eval_rows) < len(train_rows)
     assert len(train) == 17 * len(train_rows) and len(held) == 17 * len(eval_rows)  # whole images on each side
+
+
+def test_readers_take_a_reader_config_with_keyword_overrides(store):
+    from activation_store import ReaderConfig
+    from activation_store.errors import ConfigError
+
+    cfg = ReaderConfig(location="resid_2", batch_size=64, seed=3, return_ids=True)
+    (xa, ia), (xb, ib) = drain(ShuffledReader(store, cfg)), drain(ShuffledReader(store, "resid_2", batch_size=64,
+                                                                                  seed=3, return_ids=True))
+    assert len(xa) == len(xb) and all(torch.equal(x, y) for x, y in zip(xa, xb)) and np.array_equal(ia, ib)
+    r = ShuffledReader(store, cfg, batch_size=32)
+    assert r.cfg.batch_size == 32 and r.cfg.seed == 3 and cfg.batch_size == 64  # the given config is not changed
+    r.close()
+    with pytest.raises(ConfigError, match="unknown reader settings"):
+        ShuffledReader(store, cfg, batchsize=32)
+    with pytest.raises(ConfigError, match="shuffle cannot be set"):
+        OrderedReader(store, cfg, shuffle=True)
+    with pytest.raises(ConfigError, match="needs a location"):
+        ShuffledReader(store, ReaderConfig())
+    with pytest.raises(ConfigError, match="normalize must be one of"):
+        ReaderConfig(location="resid_2", normalize="zscore")
+
+
+def test_a_reader_that_would_read_forever_without_a_batch_says_so(store):
+    from activation_store.errors import NoDataError
+
+    reader = ShuffledReader(store, "resid_2", batch_size=10**7, drop_last=True, epochs=None)
+    with pytest.raises(NoDataError, match="fewer than one batch"):
+        next(iter(reader))
+    reader.close()
+
+
+def test_one_rank_resolution_for_every_component(monkeypatch):
+    from activation_store.distributed import resolve_rank
+    from activation_store.errors import ConfigError
+
+    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    assert resolve_rank() == (0, 1)
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert resolve_rank() == (2, 4)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert resolve_rank() == (1, 3)  # torchrun's variables before SLURM's
+    assert resolve_rank(0, 2) == (0, 2)  # explicit values first
+    with pytest.raises(ConfigError, match="not in"):
+        resolve_rank(5, 2)

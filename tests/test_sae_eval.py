@@ -41,6 +41,19 @@ def test_train_then_eval_writes_metrics_figures_grids_and_a_report(tmp_path, cap
     for src in re.findall(r'src="([^"]+)"', page):
         assert (out / src).exists(), src
 
+    # a CLS-trained SAE is scored on CLS tokens (its checkpoint says so); --tokens overrides
+    cls_run = tmp_path / "cls-run"
+    assert main(["train", str(tmp_path / "s"), "--location", "resid_3", "--out", str(cls_run), "--tokens", "cls",
+                 "--latents", "64", "--k", "4", "--batch-size", "8", "--total-tokens", "400", "--warmup-tokens", "0",
+                 "--holdout", "0.25", "--buffer-tokens", "64"]) == 0
+    assert main(["eval", str(cls_run), "--out", str(tmp_path / "cls-eval")]) == 0
+    c = json.loads((tmp_path / "cls-eval" / "metrics.json").read_text())
+    assert c["tokens"] == "cls" and c["eval_tokens"] == c["eval_images"] > 0 and c["holdout"] == 0.25
+    assert c["tokenwise_mse"][0] == c["mse"] and all(v != v for v in c["tokenwise_mse"][1:])  # NaN: not scored
+    assert main(["eval", str(cls_run), "--out", str(tmp_path / "all-eval"), "--tokens", "all"]) == 0
+    a = json.loads((tmp_path / "all-eval" / "metrics.json").read_text())
+    assert a["tokens"] == "all" and a["eval_tokens"] == 257 * c["eval_images"]
+
     # sort-eval material, judged by callables instead of an LLM
     from activation_store.sae.evaluate import EvalConfig, evaluate
     from activation_store.sae.sort_eval import run_sort_eval

@@ -35,7 +35,6 @@ class ModelConfig:
     preprocess_tag: str | None = option(None, help="with a weights file: use this pretrained tag's preprocessing")
     compute_dtype: str = option("fp32", flag="--dtype", choices=tuple(COMPUTE_DTYPES), help="compute dtype of the ViT")
     device: str = option("cpu", help="cpu, cuda, cuda:1 ...")
-    extra: dict = option(default_factory=dict, help="unused; kept so that older config files still load", cli=False)
 
     def __post_init__(self) -> None:
         check_choice("compute dtype", self.compute_dtype, COMPUTE_DTYPES)

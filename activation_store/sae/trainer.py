@@ -14,6 +14,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +61,10 @@ class TrainerConfig:
     autocast: str = option("auto", help="bf16 autocast: auto = on CUDA only", choices=AUTOCAST_MODES)
     wandb: bool = option(False, help="also log to Weights & Biases")
     storage_options: dict = option(default_factory=dict, help="fsspec options of a remote store", cli=False)
+
+    # reader settings the trainer decides itself, or that a run has no use for: not offered as flags
+    CLI_EXCLUDE: ClassVar[frozenset] = frozenset(f"reader.{k}" for k in (*_TRAINING_READS, "rank", "world_size",
+                                                                          "dtype", "split"))
 
     def __post_init__(self) -> None:
         if not isinstance(self.reader, ReaderConfig):  # a dict: settings on top of the trainer's reader defaults
