@@ -117,7 +117,7 @@ def test_the_report_renders_in_headless_chromium_with_every_image_loaded(tmp_pat
     browser = shutil.which("chromium")
     if browser is None:
         pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
-    from activation_store.sae.evaluate import _html
+    from activation_store.sae.report import write_html
 
     out = tmp_path / "report"
     (out / "grids").mkdir(parents=True)
@@ -127,7 +127,7 @@ def test_the_report_renders_in_headless_chromium_with_every_image_loaded(tmp_pat
     Image.new("RGB", (30, 30), (200, 10, 10)).save(out / "grids" / "latent00001_cls.png")
     result = {"location": "resid_22", "split": "eval", "eval_images": 3, "eval_tokens": 771, "mse": 1.0, "grids": [
         {"latent": 1, "token": "cls", "file": "grids/latent00001_cls.png", "values": [1.0, 0.5]}]}
-    _html(result, {"tokenwise": "tokenwise_mse.png"}, out)
+    write_html(result, {"tokenwise": "tokenwise_mse.png"}, out)
     dom = subprocess.run(
         [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
