@@ -104,10 +104,14 @@ def cmd_eval(args) -> int:
     cfg = _config(args, "eval")
     result = evaluate(cfg)
     print(f"{result['location']}: mse {result['mse']:.4g}, explained variance {result['explained_variance']:.3f}, "
-          f"nmse {result['nmse']:.3f}, L0 {result['l0']:.1f} on {result['eval_images']} "
+          f"nmse {_fmt(result['nmse'])}, L0 {result['l0']:.1f} on {result['eval_images']} "
           f"{'held-out' if result['split'] == 'eval' else 'training (the run held out none)'} images; "
           f"report {cfg.out}/report.html")
     return 0
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def cmd_demo(args) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import tomllib
+import types
 import typing
 from pathlib import Path
 
@@ -50,6 +51,8 @@ def _scalar_type(tp):
     """int, float, str or bool for plain and optional fields; None for anything else."""
     if tp in (int, float, str, bool):
         return tp
+    if typing.get_origin(tp) not in (typing.Union, types.UnionType):  # list[int] is no int
+        return None
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if len(args) == 1 and args[0] in (int, float, str, bool):
         return args[0]
@@ -72,6 +75,8 @@ def from_dict(cls, values, where: str = ""):
         return values
     if not isinstance(values, dict):
         raise ConfigError(f"{where or cls.__name__}: expected a table of settings, got {values!r}")
+    if hasattr(cls, "upgrade_legacy"):  # an older layout of the same settings
+        values = cls.upgrade_legacy(values)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(values) - set(fields))
     if unknown:
@@ -85,6 +90,8 @@ def from_dict(cls, values, where: str = ""):
             if isinstance(value, dict) and dataclasses.is_dataclass(base):  # a nested default keeps the rest
                 value = deep_merge(as_dict(base), value)
             value = from_dict(nested, value, f"{where + '.' if where else ''}{name}")
+        else:
+            value = _coerce(fields[name], hints[name], value, f"{where + '.' if where else ''}{name}")
         kwargs[name] = value
     missing = [n for n, f in fields.items() if n not in kwargs and _default_of(f) is dataclasses.MISSING]
     if missing:
@@ -93,6 +100,29 @@ def from_dict(cls, values, where: str = ""):
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"bad {where or cls.__name__} configuration: {exc}") from exc
+
+
+def _coerce(f: dataclasses.Field, tp, value, where: str):
+    """A file's value as the field's type: strings through the field's parser (as its flag would
+    be), ints where floats are wanted; anything else of the wrong type is a ConfigError."""
+    if value is None:
+        return None
+    parse = f.metadata.get("parse")
+    scalar = _scalar_type(tp)
+    try:
+        if isinstance(value, str) and parse is not None:
+            return parse(value)
+        if scalar is None:
+            return value
+        if isinstance(value, str) and scalar in (int, float):  # YAML reads 1e-3 as a string
+            return scalar(value)
+        if scalar is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, scalar) and not (scalar is int and isinstance(value, bool)):
+            return value
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: cannot read {value!r} ({exc})") from exc
+    raise ConfigError(f"{where} must be {scalar.__name__}, got {value!r}")
 
 
 def as_dict(cfg) -> dict:

@@ -3,7 +3,7 @@
 test kills a run at an exact place instead of after a sleep that a fast run outlives.
 
 Points: `train_step` (after an optimiser step), `harvest_batch` (after a batch is handed to the
-shard writer), `chunk_written` (after a chunk object is written). Unset, it costs one dict lookup."""
+shard writer). Unset, it costs one dict lookup."""
 
 from __future__ import annotations
 

@@ -52,7 +52,7 @@ def build_store(path: Path, n_images: int, d: int, codec: str, stats: bool = Fal
 
 
 def chunk_files(store: ActivationStore) -> list[str]:
-    return [store.storage.path(chunk_key(array_key(LOC), c.index, 3)) for c in store.chunks()]
+    return [store.storage.path(chunk_key(array_key(LOC), c.index, 3)) for c in store.chunk_refs(LOC)]
 
 
 def evict(files: list[str]) -> None:

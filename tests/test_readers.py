@@ -156,7 +156,7 @@ def test_cls_only_reads_a_fiftieth_of_the_bytes(tmp_path):
     cls = drain(OrderedReader(store, "resid_2", tokens="cls", batch_size=64))
     cls_bytes = store.storage.bytes_read - before
     assert full > 30 * 257 * 8 * 2 and cls_bytes * 50 <= full
-    np.testing.assert_array_equal(torch.cat(cls[0]).numpy(), store.read_all_cls("resid_2"))
+    np.testing.assert_array_equal(torch.cat(cls[0]).numpy(), store.read_cls("resid_2"))
 
 
 def test_ordered_reader_is_in_store_order_with_ids(store):
@@ -254,7 +254,7 @@ def test_a_reader_that_would_read_forever_without_a_batch_says_so(store):
     reader.close()
 
 
-def test_one_rank_resolution_for_every_component(monkeypatch):
+def test_one_rank_resolution_for_every_component(monkeypatch, store):
     from activation_store.distributed import resolve_rank
     from activation_store.errors import ConfigError
 
@@ -263,10 +263,13 @@ def test_one_rank_resolution_for_every_component(monkeypatch):
     assert resolve_rank() == (0, 1)
     monkeypatch.setenv("SLURM_PROCID", "2")
     monkeypatch.setenv("SLURM_NTASKS", "4")
-    assert resolve_rank() == (2, 4)
+    assert resolve_rank(launcher_env=True) == (2, 4)  # the harvest's ranks come from the launcher
+    reader = ShuffledReader(store, "resid_2")
+    assert (reader.rank, reader.world) == (0, 1), "a lone reader in a SLURM job reads all of the data"
+    reader.close()
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "3")
-    assert resolve_rank() == (1, 3)  # torchrun's variables before SLURM's
-    assert resolve_rank(0, 2) == (0, 2)  # explicit values first
+    assert resolve_rank(launcher_env=True) == (1, 3)  # torchrun's variables before SLURM's
+    assert resolve_rank(0, 2, launcher_env=True) == (0, 2)  # explicit values first
     with pytest.raises(ConfigError, match="not in"):
         resolve_rank(5, 2)

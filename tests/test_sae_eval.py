@@ -142,3 +142,13 @@ def test_the_report_renders_in_headless_chromium_with_every_image_loaded(tmp_pat
          "--allow-file-access-from-files", "--dump-dom", (out / "report.html").as_uri()],
         capture_output=True, text=True, timeout=120).stdout
     assert 'data-images-loaded="1/2"' in dom
+
+
+def test_training_curves_survive_an_empty_or_cut_log(tmp_path):
+    from activation_store.sae.report import curves_png
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("")
+    assert curves_png(log, tmp_path / "a.png") is None and not (tmp_path / "a.png").exists()
+    log.write_text('{"tokens": 10, "mse": 1.0, "l0": 4}\n{"tokens": 20, "mse": 0.5, "l0": 4}\n{"tokens": 3')
+    assert curves_png(log, tmp_path / "b.png") == "b.png" and (tmp_path / "b.png").stat().st_size > 1000

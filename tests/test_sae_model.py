@@ -70,19 +70,32 @@ def test_metrics_equal_their_formulas_by_hand():
     x_hat = torch.tensor([[1.0, 1.0, 3.0], [1.0, -1.0, 2.0]])
     # token 0: error 1, variance around its own feature mean (2): 1 + 0 + 1 = 2
     # token 1: error 1 + 4 = 5, feature mean 1: 1 + 4 + 9 = 14
-    assert float(metrics.mse(x, x_hat)) == pytest.approx((1 + 5) / 2)
-    assert float(metrics.explained_variance(x, x_hat)) == pytest.approx(((1 - 1 / 2) + (1 - 5 / 14)) / 2)
-    # NMSE: batch mean vector (0.5, 0.5, 3.5); total squared deviation 0.25+2.25+0.25 + 0.25+2.25+0.25 = 5.5
-    assert float(metrics.nmse(x, x_hat)) == pytest.approx(((1 + 5) / 2) / (5.5 / 2))
-    latent = torch.tensor([[0.0, 2.0, -1.0, 3.0], [0.5, 0.0, 0.0, 0.0]])
-    assert float(metrics.l0(latent)) == pytest.approx((2 + 1) / 2)
-    tw = metrics.tokenwise_mse(x, x_hat, torch.tensor([0, 2]), 3)
-    assert tw[0] == 1 and math.isnan(tw[1]) and tw[2] == 5
-    cls = torch.zeros(30, 4)
-    cls[:10, 0] = 1.0  # latent 0 fires on 10 images, latent 1 on 9
-    cls[:9, 1] = 1.0
-    cls[:, 2] = -1.0
-    assert metrics.active_feature_proportion(cls, first=4, min_images=10) == pytest.approx(1 / 4)
+    recon = metrics.Reconstruction()
+    err = recon.add(x, x_hat)
+    assert err.tolist() == [1, 5]
+    assert recon.mse == pytest.approx((1 + 5) / 2)
+    assert recon.explained_variance == pytest.approx(((1 - 1 / 2) + (1 - 5 / 14)) / 2)
+    # NMSE: mean vector (0.5, 0.5, 3.5); total squared deviation 0.25+2.25+0.25 + 0.25+2.25+0.25 = 5.5
+    assert recon.nmse == pytest.approx(((1 + 5) / 2) / (5.5 / 2))
+    assert float(metrics.mse_loss(x, x_hat)) == pytest.approx(recon.mse)  # the training losses: same quantities
+    assert float(metrics.nmse_loss(x, x_hat)) == pytest.approx(recon.nmse)
+    # streaming: two batches give what one batch of both gives
+    halves = metrics.Reconstruction()
+    halves.add(x[:1], x_hat[:1])
+    halves.add(x[1:], x_hat[1:])
+    assert halves.result() == pytest.approx(recon.result())
+    l0 = metrics.L0()
+    l0.add(torch.tensor([[0.0, 2.0, -1.0, 3.0], [0.5, 0.0, 0.0, 0.0]]))
+    assert l0.value == pytest.approx((2 + 1) / 2)
+    tw = metrics.TokenwiseMSE(3)
+    tw.add(err, torch.tensor([0, 2]))
+    assert tw.value[0] == 1 and math.isnan(tw.value[1]) and tw.value[2] == 5
+    firing = metrics.Firing(4)
+    values = torch.tensor([[1.0, 1.0]] * 9 + [[1.0, -1.0]] + [[-1.0, 0.0]] * 20)  # top-2 codes of 30 CLS tokens
+    indices = torch.tensor([[0, 1]] * 10 + [[2, 1]] * 20)
+    firing.add(values, indices, torch.ones(30, dtype=torch.bool))  # latent 0 fires on 10 images, latent 1 on 9
+    assert firing.active_feature_proportion(first=4, min_images=10) == pytest.approx(1 / 4)
+    assert firing.never_fired_proportion == pytest.approx(2 / 4)
 
 
 def test_dead_latents_over_a_token_window():

@@ -161,6 +161,29 @@ def test_train_reads_a_config_file_and_flags_override_it(tmp_path, capsys):
     assert saved["sae"]["n_latents"] == 64 and saved["sae"]["k"] == 2  # file, then the flag
     assert saved["trainer"]["total_tokens"] == 2560 and saved["trainer"]["reader"]["normalize"] == "none"
 
+    # a 0.1 file (reader and SAE settings at the top level) still trains; YAML's 1e-3 is a string
+    legacy = tmp_path / "legacy.yaml"
+    legacy.write_text(f'store: {tmp_path / "s"}\nout: {tmp_path / "legacy"}\nlocation: resid_0\nn_latents: 32\n'
+                      'k: 2\nbatch_size: 128\nbuffer_tokens: 2048\ntotal_tokens: 1280\nlr: 1e-3\n')
+    assert main(["train", "--config", str(legacy)]) == 0
+    saved = json.loads((sorted((tmp_path / "legacy" / "checkpoints").glob("[0-9]*"))[-1] / "config.json").read_text())
+    assert saved["sae"]["n_latents"] == 32 and saved["trainer"]["lr"] == 1e-3
+    capsys.readouterr()
+    # resuming with another SAE is refused, not a size-mismatch traceback
+    assert main(["train", "--config", str(legacy), "--latents", "64"]) == 2
+    assert "holds an SAE of" in capsys.readouterr().err
+    for bad, says in (('[train.reader]\nsplit = "eval"\n', "leave reader ['split'] unset"),
+                      ('[train]\nlr = -1\n', "lr must be a positive number"),
+                      ('[train]\nk_aux = "many"\n', "k_aux: cannot read 'many'"),
+                      ('[train.sae]\nk = [4]\n', "sae.k must be int")):
+        cfg.write_text(bad)
+        assert main(["train", "--config", str(cfg)]) == 2
+        assert says in capsys.readouterr().err, bad
+    from activation_store import ReaderConfig
+
+    direct = TrainerConfig(store="s", out="o", reader=ReaderConfig(location="resid_0", holdout=0.1))
+    assert direct.reader.epochs is None and direct.reader.split == "train" and direct.reader.holdout == 0.1
+
     cfg.write_text('[train]\nlatent = 64\n')
     capsys.readouterr()
     assert main(["train", "--config", str(cfg)]) == 2

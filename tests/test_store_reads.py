@@ -53,7 +53,7 @@ def test_default_reads_return_every_committed_row_skipping_padding(padded):
         np.testing.assert_array_equal(s.read_rows(loc), rows)
         np.testing.assert_array_equal(s.read_rows(loc, tokens=slice(2, 5)), rows[:, 2:5])
         np.testing.assert_array_equal(s.read_cls(loc), rows[:, 0])
-        np.testing.assert_array_equal(s.read_all_cls(loc), rows[:, 0])
+        np.testing.assert_array_equal(s.read_cls(loc), rows[:, 0])
         # stop=None with a start: every committed row from there on (a start in padding is a bound)
         np.testing.assert_array_equal(s.read_rows(loc, 5), rows[5:])
         np.testing.assert_array_equal(s.read_cls(loc, 12), rows[10:, 0])
@@ -105,7 +105,7 @@ def test_empty_and_invalid_ranges(store_factory, padded):
         s.read_rows("resid_2", -1, 3)
     empty = store_factory()
     assert empty.read_rows("resid_2").shape == (0, empty.n_tokens, empty.d_model)
-    assert empty.read_cls("resid_2").dtype == np.float32 and empty.read_all_cls("resid_2").shape == (0, empty.d_model)
+    assert empty.read_cls("resid_2").dtype == np.float32 and empty.read_cls("resid_2").shape == (0, empty.d_model)
     assert empty.chunk_refs("resid_2") == []
 
 
@@ -114,7 +114,7 @@ def test_unknown_location_raises_unknown_location_error(padded):
     assert s.check_location(HookLocation(5)) == "resid_5"
     calls = [
         lambda: s.read_rows("resid_9", 0, 1), lambda: s.read_rows("resid_9"), lambda: s.read_cls("resid_9"),
-        lambda: s.read_all_cls("resid_9"), lambda: s.read_chunk("resid_9", 0), lambda: s.chunk_refs("resid_9"),
+        lambda: s.read_chunk("resid_9", 0), lambda: s.chunk_refs("resid_9"),
         lambda: s.chunk_refs("resid_9", cls=True), lambda: s.stats("resid_9"), lambda: s.array("resid_9"),
         lambda: s.check_location("resid_9"),
     ]
@@ -135,7 +135,6 @@ def test_every_read_is_float32_by_default_and_storage_dtype_when_raw(store_facto
         "read_rows": lambda **kw: s.read_rows("resid_2", **kw),
         "read_rows range": lambda **kw: s.read_rows("resid_2", 1, 3, **kw),
         "read_cls": lambda **kw: s.read_cls("resid_2", **kw),
-        "read_all_cls": lambda **kw: s.read_all_cls("resid_2", **kw),
     }
     for name, read in reads.items():
         assert read().dtype == np.float32, name
@@ -158,7 +157,6 @@ def test_chunk_refs_lists_main_and_cls_chunks_of_committed_shards(padded, store_
     assert [r.index for r in s.chunk_refs("resid_2", shards=[1])] == [4, 5]
     assert [r.index for r in s.chunk_refs("resid_2", cls=True, shards={0, 2})] == [0, 1, 3]
     assert s.chunk_refs("resid_2", shards=[]) == []
-    assert s.chunks() == s.chunk_refs(s.locations[0]) and s.chunks("resid_5") == s.chunk_refs("resid_5")
     assert isinstance(main[0], ChunkRef)
 
     # each ref reads back its shard's rows through fetch_chunk_into (as the readers use them)

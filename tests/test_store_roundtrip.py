@@ -40,7 +40,7 @@ def test_lossless_round_trip_is_exact(store_factory, dtype, codec):
         np.testing.assert_array_equal(s.read_rows(loc, a0, a1), written["a"][loc])
         np.testing.assert_array_equal(s.read_rows(loc, b0, b1), written["b"][loc])
         expected_cls = np.concatenate([written["a"][loc][:, 0], written["b"][loc][:, 0]])
-        np.testing.assert_array_equal(s.read_all_cls(loc), expected_cls)
+        np.testing.assert_array_equal(s.read_cls(loc), expected_cls)
         # a token range, and chunk by chunk
         np.testing.assert_array_equal(s.read_rows(loc, a0 + 2, a0 + 7, tokens=slice(3, 9)), written["a"][loc][2:7, 3:9])
         chunks = [s.read_chunk(loc, c.index) for c in s.chunk_refs(loc)]

@@ -67,14 +67,11 @@ def _register_config_json(path: str) -> str:
 def _hf_cached(model: str, tag: str) -> bool:
     """Are the weights of an open_clip tag in the local Hugging Face cache (no network needed)?"""
     import open_clip
+    from huggingface_hub import try_to_load_from_cache
 
     cfg = open_clip.get_pretrained_cfg(model, tag)
     repo = (cfg or {}).get("hf_hub", "").strip("/")
     if not repo:
-        return False
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
         return False
     for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
         hit = try_to_load_from_cache(repo, filename)

@@ -93,7 +93,7 @@ def default_report_path(cfg: HarvestConfig, rank: int) -> str:
 
 
 def harvest(cfg: HarvestConfig) -> dict:
-    rank, world = resolve_rank(cfg.rank, cfg.world_size)
+    rank, world = resolve_rank(cfg.rank, cfg.world_size, launcher_env=True)
     t_start = time.perf_counter()
     shards, downloader = resolve_sources(cfg, rank, world)
     model = LoadedViT(cfg.model, cfg.layers)

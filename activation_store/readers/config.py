@@ -26,12 +26,12 @@ class ReaderConfig:
     batch_size: int = option(4096, help="vectors per batch")
     buffer_tokens: int = option(2**19, help="tokens per window; two windows are held (one served, one loading)")
     seed: int = option(0, help="shuffle seed (the trainer also seeds the SAE's initialisation with it)")
-    rank: int | None = option(None, help="this reader's rank (default: torch.distributed, $RANK or 0)")
-    world_size: int | None = option(None, help="number of ranks (default: torch.distributed, $WORLD_SIZE or 1)")
+    rank: int | None = option(None, help="this reader's rank (default: torch.distributed's, or 0)")
+    world_size: int | None = option(None, help="number of ranks (default: torch.distributed's, or 1)")
     epochs: int | None = option(1, help="passes over the data; none reads forever", parse=lambda s: None
                                 if s.lower() == "none" else int(s))
     dtype: str = option("float32", help="dtype of the yielded tensors", choices=OUTPUT_DTYPES)
-    device: str = option("cpu", help="device of the yielded tensors: cpu, cuda, cuda:1 ...")
+    device: str = option("cpu", help="device of the batches (and of the SAE, in training): cpu, cuda, cuda:1 ...")
     normalize: str = option("none", help="normalisation from the store's statistics", choices=NORMALIZE_MODES)
     drop_last: bool = option(False, help="drop the last, smaller batch of each epoch")
     return_ids: bool = option(False, help="also yield (image_row, token_index) per vector")
@@ -39,7 +39,7 @@ class ReaderConfig:
     shuffle: bool = option(True, help="shuffle (False: store order)")
     split: str = option("all", help="all images, or 'train'/'eval': images split by a fixed hash of their row",
                         choices=SPLITS)
-    holdout: float = option(0.05, help="share of images in the 'eval' split")
+    holdout: float = option(0.05, help="share of images held out of 'train' (and read by 'eval')")
 
     def __post_init__(self) -> None:
         if self.location is not None:

@@ -1,6 +1,6 @@
 """The reading engine behind ShuffledReader and OrderedReader.
 
-Per epoch, every rank computes the same plan: the committed chunks ("units") in a random order
+Per epoch, every rank computes the same plan: the committed chunks in a random order
 (store order when not shuffling), this rank's share (`order[rank::world]`), grouped into windows
 of at most `buffer_tokens` tokens. A window's chunks are fetched and decoded by a thread pool
 (numcodecs and preadv release the GIL) straight into one of two preallocated window buffers,
@@ -44,11 +44,11 @@ class Engine:
         self.normalizer = normalizer
         self.d = store.d_model
         self.pdtype = physical_dtype(store.dtype)
-        self.per_unit_rows = store.region_images if sel.cls_only else store.chunk_images
+        self.rows_per_chunk = store.region_images if sel.cls_only else store.chunk_images
         # a window holds at least one whole chunk (read whole, padding included)
-        self.unit_tokens = self.per_unit_rows * (1 if sel.cls_only else store.n_tokens)
-        self.buffer_tokens = max(int(buffer_tokens), self.unit_tokens)
-        self.capacity = self.buffer_tokens + self.unit_tokens
+        self.chunk_tokens = self.rows_per_chunk * (1 if sel.cls_only else store.n_tokens)
+        self.buffer_tokens = max(int(buffer_tokens), self.chunk_tokens)
+        self.capacity = self.buffer_tokens + self.chunk_tokens
         self.buffers = [np.empty((self.capacity, self.d), dtype=self.pdtype) for _ in range(2)]
         for b in self.buffers:
             b.fill(0)  # fault the pages in now, not while the first windows load
@@ -65,20 +65,20 @@ class Engine:
         self.token_index = sel.token_index()
 
     # ------------------------------------------------------------------ the plan
-    def plan(self, epoch: int, units: list[ChunkRef]) -> dict:
+    def plan(self, epoch: int, chunks: list[ChunkRef]) -> dict:
         """This rank's windows for an epoch, and how many batches it yields."""
         if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(units))
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(chunks))
         else:
-            order = np.arange(len(units))
+            order = np.arange(len(chunks))
         per_image = self.sel.per_image
-        counts = [self._rows_in_split(u) * per_image for u in units]
+        counts = [self._rows_in_split(u) * per_image for u in chunks]
         rank_tokens = [sum(counts[i] for i in order[r::self.world]) for r in range(self.world)]
         mine = order[self.rank::self.world]
         windows, current, used = [], [], 0
         for i in mine:
-            u = units[i]
-            cost = self._slot_tokens(u)  # buffer rows the unit occupies
+            u = chunks[i]
+            cost = self._slot_tokens(u)  # buffer rows the chunk occupies
             if current and used + cost > self.buffer_tokens:
                 windows.append(current)
                 current, used = [], 0
@@ -102,35 +102,35 @@ class Engine:
         h = ((rows.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)).astype(np.float64) / 2**24
         return (h < holdout) if name == "eval" else (h >= holdout)
 
-    def _rows_in_split(self, unit: ChunkRef) -> int:
+    def _rows_in_split(self, chunk: ChunkRef) -> int:
         if self.split is None:
-            return unit.n_rows
-        return int(self._in_split(np.arange(unit.row_start, unit.row_start + unit.n_rows)).sum())
+            return chunk.n_rows
+        return int(self._in_split(np.arange(chunk.row_start, chunk.row_start + chunk.n_rows)).sum())
 
     # ------------------------------------------------------------------ loading a window
-    def _slot_tokens(self, unit: ChunkRef) -> int:
+    def _slot_tokens(self, chunk: ChunkRef) -> int:
         """Whole chunks land as they are stored (padding included); selected tokens are packed."""
-        return self.unit_tokens if self.sel.indices is None else unit.n_rows * self.sel.per_image
+        return self.chunk_tokens if self.sel.indices is None else chunk.n_rows * self.sel.per_image
 
-    def _staging(self, unit: ChunkRef) -> np.ndarray:
-        shape = (unit.rows_per_chunk, self.store.n_tokens, self.d)
+    def _staging(self, chunk: ChunkRef) -> np.ndarray:
+        shape = (chunk.rows_per_chunk, self.store.n_tokens, self.d)
         st = getattr(self._local, "staging", None)
         if st is None or st.shape != shape:
             st = self._local.staging = np.empty(shape, dtype=self.pdtype)
         return st
 
-    def _load_unit(self, unit: ChunkRef, buf: np.ndarray, offset: int) -> None:
+    def _load_chunk(self, chunk: ChunkRef, buf: np.ndarray, offset: int) -> None:
         if self.sel.cls_only:
-            self.store.fetch_chunk_into(unit.array_key, unit.index, buf[offset:offset + unit.rows_per_chunk])
+            self.store.fetch_chunk_into(chunk.array_key, chunk.index, buf[offset:offset + chunk.rows_per_chunk])
         elif self.sel.indices is None:
-            region = buf[offset:offset + self.unit_tokens].reshape(unit.rows_per_chunk, self.store.n_tokens, self.d)
-            self.store.fetch_chunk_into(unit.array_key, unit.index, region)
+            region = buf[offset:offset + self.chunk_tokens].reshape(chunk.rows_per_chunk, self.store.n_tokens, self.d)
+            self.store.fetch_chunk_into(chunk.array_key, chunk.index, region)
         else:
-            staging = self._staging(unit)
-            self.store.fetch_chunk_into(unit.array_key, unit.index, staging)
+            staging = self._staging(chunk)
+            self.store.fetch_chunk_into(chunk.array_key, chunk.index, staging)
             k = self.sel.per_image
-            region = buf[offset:offset + unit.n_rows * k].reshape(unit.n_rows, k, self.d)
-            np.take(staging[:unit.n_rows], self.sel.indices, axis=1, out=region)
+            region = buf[offset:offset + chunk.n_rows * k].reshape(chunk.n_rows, k, self.d)
+            np.take(staging[:chunk.n_rows], self.sel.indices, axis=1, out=region)
 
     def start_window(self, window: list[ChunkRef], slot: int) -> list[Future]:
         """Submit every chunk of a window; returns the futures and fills `self._layout[slot]`."""
@@ -140,7 +140,7 @@ class Engine:
             offsets.append(offset)
             offset += self._slot_tokens(u)
         self._layout[slot] = (window, offsets)
-        return [self.pool.submit(self._load_unit, u, buf, off) for u, off in zip(window, offsets)]
+        return [self.pool.submit(self._load_chunk, u, buf, off) for u, off in zip(window, offsets)]
 
     def window_order(self, epoch: int, w: int, slot: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Buffer positions of the window's valid tokens, permuted (or in order), and their ids."""

@@ -18,6 +18,17 @@ STATE_VERSION = 1
 _RESUME_KEYS = ("location", "tokens", "batch_size", "buffer_tokens", "seed", "shuffle", "drop_last", "split", "holdout")
 
 
+def _images_read(config: dict) -> dict:
+    """The resume keys of a config, with equal image selections written alike: 'train' with no
+    holdout is every image ('all'), and an 'all' reader's holdout plays no part."""
+    c = {k: config[k] for k in _RESUME_KEYS}
+    if c["split"] == "train" and not c["holdout"]:
+        c["split"] = "all"
+    if c["split"] == "all":
+        c["holdout"] = None
+    return c
+
+
 def reader_config(config: ReaderConfig | str | None, overrides: dict, fixed: dict | None = None) -> ReaderConfig:
     """A ReaderConfig from a config (or a location string) with keyword overrides on top; `fixed`
     holds what the reader class itself decides (an OrderedReader never shuffles)."""
@@ -55,7 +66,7 @@ class _Reader:
         self._shards: list[int] | None = None  # committed shards this epoch reads (fixed per epoch)
 
     # ------------------------------------------------------------------ iteration
-    def _epoch_units(self):
+    def _epoch_chunks(self):
         if self._shards is None:
             self.store.refresh()  # shards committed since the last epoch join from this epoch on
             self._shards = [s.index for s in self.store.committed_shards()]
@@ -63,7 +74,7 @@ class _Reader:
 
     def __iter__(self):
         while self.cfg.epochs is None or self._epoch < self.cfg.epochs:
-            plan = self.engine.plan(self._epoch, self._epoch_units())
+            plan = self.engine.plan(self._epoch, self._epoch_chunks())
             if self.cfg.epochs is None:  # reading forever would never yield
                 self._require_batches(plan)
             for w, pos, batch, ids in self.engine.iterate(self._epoch, plan, self._window, self._pos, self._batch):
@@ -76,7 +87,7 @@ class _Reader:
 
     def _require_batches(self, plan: dict | None = None) -> None:
         """NoDataError, saying why, when this rank's epoch yields no batch."""
-        plan = plan or self.engine.plan(self._epoch, self._epoch_units())
+        plan = plan or self.engine.plan(self._epoch, self._epoch_chunks())
         if plan["n_batches"]:
             return
         what = f"{self.location} tokens ({self.selection.name}, split {self.cfg.split})"
@@ -91,7 +102,7 @@ class _Reader:
 
     def epoch_size(self) -> dict:
         """Tokens and batches this rank yields in the current epoch."""
-        plan = self.engine.plan(self._epoch, self._epoch_units())
+        plan = self.engine.plan(self._epoch, self._epoch_chunks())
         return {"tokens": plan["yield_tokens"], "batches": plan["n_batches"]}
 
     # ------------------------------------------------------------------ state
@@ -104,11 +115,11 @@ class _Reader:
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
             raise ConfigError(f"reader state version {state.get('version')} is not {STATE_VERSION}")
-        mine = as_dict(self.cfg)
+        mine, saved = _images_read(as_dict(self.cfg)), _images_read(state["config"])
         for key in _RESUME_KEYS:
-            if state["config"][key] != mine[key]:
+            if saved[key] != mine[key]:
                 raise ConfigError(
-                    f"reader state was saved with {key}={state['config'][key]!r}, this reader has {mine[key]!r}; "
+                    f"reader state was saved with {key}={saved[key]!r}, this reader has {mine[key]!r}; "
                     f"resume with the same configuration"
                 )
         if (state["rank"], state["world_size"]) != (self.rank, self.world):

@@ -7,20 +7,23 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from activation_store.distributed import resolve_rank
-from activation_store.readers.readers import ShuffledReader
+from activation_store.readers.config import ReaderConfig
+from activation_store.readers.readers import ShuffledReader, reader_config
 
 
 class ActivationDataset(IterableDataset):
     """Yields whole batches: use `DataLoader(dataset, batch_size=None, num_workers=N)`. Takes the
-    store's URL (each worker opens it) and ShuffledReader's keyword arguments."""
+    store's URL (each worker opens it) and what a ShuffledReader takes: a ReaderConfig or a
+    location, plus keyword overrides."""
 
-    def __init__(self, store_url: str, location: str, storage_options: dict | None = None, **reader_kwargs) -> None:
-        self.store_url, self.location = str(store_url), str(location)
+    def __init__(self, store_url: str, config: ReaderConfig | str, storage_options: dict | None = None,
+                 **overrides) -> None:
+        self.store_url = str(store_url)
+        self.cfg = reader_config(config, overrides, {"shuffle": True})
         self.storage_options = storage_options
-        self.kwargs = reader_kwargs
 
     def _share(self) -> tuple[int, int]:
-        rank, world = resolve_rank(self.kwargs.get("rank"), self.kwargs.get("world_size"))
+        rank, world = resolve_rank(self.cfg.rank, self.cfg.world_size)
         info = get_worker_info()
         if info is None:
             return rank, world
@@ -28,11 +31,11 @@ class ActivationDataset(IterableDataset):
 
     def __iter__(self):
         rank, world = self._share()
-        kwargs = dict(self.kwargs, rank=rank, world_size=world)
+        overrides = {"rank": rank, "world_size": world}
         if get_worker_info() is not None:
             torch.set_num_threads(1)
-            kwargs.setdefault("threads", 2)
-        reader = ShuffledReader(self.store_url, self.location, storage_options=self.storage_options, **kwargs)
+            overrides["threads"] = min(self.cfg.threads, 2)
+        reader = ShuffledReader(self.store_url, self.cfg, storage_options=self.storage_options, **overrides)
         try:
             yield from reader
         finally:

@@ -4,7 +4,7 @@
     RUN/checkpoints/<tokens, 13 digits>/
         sae.safetensors        W_enc, W_dec, b_enc, b_dec, in the normalised space the SAE trained in
         config.json            {"sae": SAEConfig, "trainer": TrainerConfig, "store", "location",
-                                "tokens", "world_size", "normalizer": {mode, source}}
+                                "tokens", "holdout", "world_size", "normalizer": {mode, source}}
         trainer.pt             optimiser, dead-latent counters, step, tokens, world size, normaliser
         reader_rank<r>.pt      each rank's reader state
 
@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from activation_store.errors import CheckpointError
 from activation_store.readers.normalize import Normalizer
 from activation_store.sae.config import SAEConfig, SAEState
+from activation_store.sae.metrics import DeadLatents
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS, CONFIG, TRAINER = "sae.safetensors", "config.json", "trainer.pt"
@@ -113,7 +114,12 @@ def read_training_state(ckpt: str | Path, device="cpu") -> dict:
 
 def read_reader_state(ckpt: str | Path, rank: int) -> dict:
     name = f"reader_rank{rank}.pt"
-    return torch.load(_need(Path(ckpt), name), map_location="cpu", weights_only=True)["reader"]
+    try:
+        return torch.load(_need(Path(ckpt), name), map_location="cpu", weights_only=True)["reader"]
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"{ckpt}/{name} cannot be read ({exc})") from exc
 
 
 def read_weights(ckpt: str | Path, device="cpu") -> dict:
@@ -125,27 +131,21 @@ def read_weights(ckpt: str | Path, device="cpu") -> dict:
         raise CheckpointError(f"{ckpt}/{WEIGHTS} cannot be read ({exc})") from exc
 
 
-def read_normalizer(ckpt: str | Path) -> Normalizer:
-    return Normalizer.from_state_dict(read_training_state(ckpt)["normalizer"])
-
-
-def read_dead_proportion(ckpt: str | Path) -> float:
-    """CLIP-Scope's dead proportion: the trainer's counters at this checkpoint."""
-    dead = read_training_state(ckpt)["dead"]
-    return float((dead["since"] >= dead["window"]).float().mean())
-
-
 def read_sae_state(ckpt: str | Path) -> SAEState:
-    """The SAE of a checkpoint, with the normaliser it was trained behind and what it trained on."""
+    """The SAE of a checkpoint, with the normaliser it was trained behind, what it trained on
+    (store, location, tokens, holdout) and CLIP-Scope's dead proportion at this checkpoint."""
     cfg = read_config(ckpt)
     try:
         sae_cfg = SAEConfig(**cfg["sae"])
     except (KeyError, TypeError) as exc:
         raise CheckpointError(f"{ckpt}/{CONFIG} has no valid 'sae' configuration ({exc})") from exc
+    state = read_training_state(ckpt)
+    dead = DeadLatents(sae_cfg.n_latents)
+    dead.load_state_dict(state["dead"])
     trainer = cfg.get("trainer") or {}
     meta = {"store": cfg.get("store"), "location": cfg.get("location"),
-            # checkpoints before 0.2 kept tokens and holdout only in the trainer's configuration
+            # checkpoints of 0.1 keep tokens and holdout only in the trainer's configuration
             "tokens": cfg.get("tokens", trainer.get("tokens", "all")),
-            "holdout": float(cfg.get("holdout", trainer.get("holdout") or 0.0))}
-    meta["checkpoint"] = str(ckpt)
-    return SAEState(sae_cfg, read_weights(ckpt), read_normalizer(ckpt), meta)
+            "holdout": float(cfg.get("holdout", trainer.get("holdout") or 0.0)),
+            "dead_proportion": dead.proportion(), "checkpoint": str(ckpt)}
+    return SAEState(sae_cfg, read_weights(ckpt), Normalizer.from_state_dict(state["normalizer"]), meta)

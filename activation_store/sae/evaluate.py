@@ -85,7 +85,7 @@ def resolve_subject(cfg: EvalConfig) -> Subject:
         tokens = cfg.tokens if cfg.tokens is not None else state.meta["tokens"]
         norm = state.normalizer if cfg.normalize is None else _store_normalizer(cfg.normalize, store, location, tokens)
         return Subject(TopKSAE.from_state(state, cfg.device, normalized=True), store, location, tokens, norm,
-                       state.meta["holdout"], ckpt, checkpoint.read_dead_proportion(ckpt))
+                       state.meta["holdout"], ckpt, state.meta["dead_proportion"])
     try:
         state = read_state(cfg.sae)
     except CheckpointError as exc:
@@ -176,8 +176,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     figures = {"tokenwise": report.tokenwise_png(result["tokenwise_mse"], out / "tokenwise_mse.png")}
     curves = sub.checkpoint.parent.parent / "metrics.jsonl" if sub.checkpoint is not None else None
-    if curves is not None and curves.exists():
-        figures["curves"] = report.curves_png(curves, out / "training_curves.png")
+    curves_file = report.curves_png(curves, out / "training_curves.png") if curves and curves.exists() else None
+    if curves_file:
+        figures["curves"] = curves_file
     images = report.ImageFetcher(store, cfg.storage_options)
     result["grids"] = _grids(cfg, firing, top_cls, top_patch, images, out, eval_images)
     if cfg.sort_eval_pairs:

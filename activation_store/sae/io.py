@@ -67,7 +67,13 @@ def read_saelens(path: str | Path) -> SAEState:
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
     if k is None:
         raise CheckpointError(f"{p}/cfg.json is not a TopK SAE (no k)")
-    w = load_file(str(p / "sae_weights.safetensors"))
+    missing = [key for key in ("d_in", "d_sae") if key not in cfg]
+    if missing:
+        raise CheckpointError(f"{p}/cfg.json lacks {missing}")
+    try:
+        w = load_file(str(p / "sae_weights.safetensors"))
+    except Exception as exc:
+        raise CheckpointError(f"{p}/sae_weights.safetensors cannot be read ({exc})") from exc
     missing = [name for name in TENSORS if name not in w]
     if missing:
         raise CheckpointError(f"{p}/sae_weights.safetensors lacks {missing}")
@@ -109,11 +115,9 @@ def hub_file(name: str, repo_id: str | None = None) -> str:
     """A local copy of a file of a Hugging Face repo (downloaded with huggingface_hub, or found in
     its cache); without `repo_id`, CLIP-Scope's repo, as their model card's
     `TopKSAE.from_pretrained("22_resid/1200013184.pt")` does."""
+    from huggingface_hub import hf_hub_download  # imported here: only hub names need it
+
     repo_id = repo_id or CLIPSCOPE_REPO
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError as exc:  # pragma: no cover - huggingface_hub comes with open_clip
-        raise CheckpointError("fetching from the hub needs huggingface_hub: pip install huggingface_hub") from exc
     try:
         return hf_hub_download(repo_id, name)
     except Exception as exc:

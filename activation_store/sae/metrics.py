@@ -1,6 +1,7 @@
 """SAE metrics, each computed once, here: streaming reducers that the trainer's logs and the
 evaluator both feed batch by batch (formulas in docs/metrics.md; CLIP-Scope's definitions, plus
-OpenAI's normalised MSE). The plain functions are one-batch uses of the same reducers."""
+OpenAI's normalised MSE). The training losses are the same quantities on one batch, built on the
+same per-token term."""
 
 from __future__ import annotations
 
@@ -124,46 +125,6 @@ class Firing:
 
     def active_feature_proportion(self, first: int = 2048, min_images: int = 10) -> float:
         return float((self.cls_images[:first] >= min_images).float().mean())
-
-
-# ---------------------------------------------------------------------------- one batch
-def mse(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    r = Reconstruction()
-    r.add(x, x_hat)
-    return r.mse
-
-
-def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    r = Reconstruction()
-    r.add(x, x_hat)
-    return r.explained_variance
-
-
-def nmse(x: torch.Tensor, x_hat: torch.Tensor) -> float | None:
-    r = Reconstruction()
-    r.add(x, x_hat)
-    return r.nmse
-
-
-def l0(latent: torch.Tensor) -> float:
-    m = L0()
-    m.add(latent)
-    return m.value
-
-
-def tokenwise_mse(x: torch.Tensor, x_hat: torch.Tensor, token_index: torch.Tensor, n_tokens: int) -> torch.Tensor:
-    m = TokenwiseMSE(n_tokens)
-    m.add(token_sq_err(x, x_hat), token_index)
-    return m.value
-
-
-def active_feature_proportion(cls_latents_per_image: torch.Tensor, first: int = 2048, min_images: int = 10) -> float:
-    """From the (images, n_latents) dense CLS latents (or their first `first` columns)."""
-    lat = cls_latents_per_image[:, :first]
-    f = Firing(lat.shape[1])
-    values, indices = lat, torch.arange(lat.shape[1]).expand_as(lat)
-    f.add(values, indices, torch.ones(lat.shape[0], dtype=torch.bool))
-    return f.active_feature_proportion(first, min_images)
 
 
 # ---------------------------------------------------------------------------- training losses

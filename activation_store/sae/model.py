@@ -29,11 +29,11 @@ from activation_store.sae.config import SAEConfig, SAEState
 
 
 class TopKSAE(nn.Module):
-    def __init__(self, d_in: int, n_latents: int, k: int, relu: bool = True, encoder_bias: bool = True,
-                 normalize_decoder: bool = True, seed: int | None = None) -> None:
+    def __init__(self, d_in: int, n_latents: int, k: int, seed: int | None = None, **options) -> None:
+        """`options`: SAEConfig's other fields (relu, encoder_bias, normalize_decoder)."""
         super().__init__()
-        self.cfg = SAEConfig(n_latents=n_latents, k=k, d_in=d_in, relu=relu, encoder_bias=encoder_bias,
-                             normalize_decoder=normalize_decoder)
+        self.cfg = SAEConfig(n_latents=n_latents, k=k, d_in=d_in, **options)
+        encoder_bias = self.cfg.encoder_bias
         self.input_space = "raw"  # or "normalized": the SAE expects normaliser.apply(x)
         self.normalizer = None  # the normaliser of its training run, when known
         self.meta: dict = {}  # what its file said besides the weights
@@ -149,8 +149,8 @@ class TopKSAE(nn.Module):
         if config.d_in is None:
             raise CheckpointError("the SAE's d_in is unknown; give SAEConfig(d_in=...)")
         c = config
-        return cls(c.d_in, c.n_latents, c.k, relu=c.relu, encoder_bias=c.encoder_bias,
-                   normalize_decoder=c.normalize_decoder, seed=seed)
+        return cls(c.d_in, c.n_latents, c.k, seed=seed, relu=c.relu, encoder_bias=c.encoder_bias,
+                   normalize_decoder=c.normalize_decoder)
 
     @classmethod
     def from_state(cls, state: SAEState, device="cpu", normalized: bool = False) -> TopKSAE:

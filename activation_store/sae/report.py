@@ -79,9 +79,23 @@ def tokenwise_png(values: list[float], path: Path) -> str:
     return _save(fig, path, 100)
 
 
-def curves_png(jsonl: Path, path: Path) -> str:
+def _log_rows(jsonl: Path) -> list[dict]:
+    """The training log's lines; a line cut by a kill (the last one) is skipped."""
+    rows = []
+    for line in jsonl.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return [r for r in rows if isinstance(r, dict) and "tokens" in r]
+
+
+def curves_png(jsonl: Path, path: Path) -> str | None:
+    """Training curves from metrics.jsonl; None when the log has no line yet."""
+    rows = _log_rows(jsonl)
+    if not rows:
+        return None
     plt = _pyplot()
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
     keys = [k for k in ("mse", "explained_variance", "l0", "dead_proportion", "auxk", "lr") if k in rows[0]]
     fig, axes = plt.subplots(2, 3, figsize=(12, 6))
     for ax, key in zip(axes.flat, keys):

@@ -22,9 +22,9 @@ from torch import nn
 from tqdm import tqdm
 
 from activation_store import faults
-from activation_store.distributed import resolve_rank
+from activation_store.distributed import launched_by_torchrun, resolve_rank
 from activation_store.configs import as_dict, check_choice, deep_merge, from_dict, option
-from activation_store.errors import ConfigError, DistributedError
+from activation_store.errors import CheckpointError, ConfigError, DistributedError
 from activation_store.readers import ReaderConfig, ShuffledReader
 from activation_store.sae import checkpoint, metrics
 from activation_store.sae.config import SAEConfig
@@ -32,18 +32,31 @@ from activation_store.sae.model import TopKSAE
 from activation_store.store import open_store
 
 AUTOCAST_MODES = ("auto", "bf16", "off")
-# how the trainer reads: forever, shuffled, whole batches (DDP needs equal batch counts per rank)
-_TRAINING_READS = {"epochs": None, "shuffle": True, "drop_last": True, "return_ids": False}
+# how the trainer reads, whatever the reader config says: forever, shuffled, whole batches (DDP needs
+# equal batch counts per rank), the training images, float32 batches, ranks from the process group
+_TRAINING_READS = {"epochs": None, "shuffle": True, "drop_last": True, "return_ids": False, "split": "train",
+                   "dtype": "float32", "rank": None, "world_size": None}
+# flat keys of 0.1 config files, now in the nested reader / sae tables
+_LEGACY_READER_KEYS = ("location", "tokens", "batch_size", "buffer_tokens", "threads", "normalize", "holdout",
+                       "seed", "device")
+_LEGACY_SAE_KEYS = {"n_latents": "n_latents", "k": "k", "relu": "relu"}  # 0.1 name -> SAEConfig field
 
 
 def _training_reader() -> ReaderConfig:
-    return ReaderConfig(normalize="unit_mean_sq_norm", split="train", holdout=0.05, **_TRAINING_READS)
+    return ReaderConfig(normalize="unit_mean_sq_norm", **_TRAINING_READS)
+
+
+def _is_positive(x) -> bool:
+    return math.isfinite(x) and x > 0
 
 
 @dataclass
 class TrainerConfig:
     """A training run. `reader` says what is read (location, tokens, batch size, normalisation,
-    held-out share, device, seed); `sae` the architecture; the rest the optimisation."""
+    held-out share, device, seed); `sae` the architecture; the rest the optimisation.
+
+    The trainer fixes how it reads (`_TRAINING_READS`): a reader config that leaves those fields at
+    ReaderConfig's defaults gets the trainer's values; one that sets them otherwise is refused."""
 
     store: str | None = option(None, help="store path or URL", positional=True)
     out: str | None = option(None, help="run folder: checkpoints/, metrics.jsonl")
@@ -62,9 +75,20 @@ class TrainerConfig:
     wandb: bool = option(False, help="also log to Weights & Biases")
     storage_options: dict = option(default_factory=dict, help="fsspec options of a remote store", cli=False)
 
-    # reader settings the trainer decides itself, or that a run has no use for: not offered as flags
-    CLI_EXCLUDE: ClassVar[frozenset] = frozenset(f"reader.{k}" for k in (*_TRAINING_READS, "rank", "world_size",
-                                                                          "dtype", "split"))
+    # reader settings the trainer decides itself: not offered as flags
+    CLI_EXCLUDE: ClassVar[frozenset] = frozenset(f"reader.{k}" for k in _TRAINING_READS)
+
+    @classmethod
+    def upgrade_legacy(cls, values: dict) -> dict:
+        """0.1 config files put the reader's and the SAE's settings at the top level: nest them
+        (a nested value, from the file or a flag, wins over a flat one)."""
+        values = dict(values)
+        for table, keys in (("reader", {k: k for k in _LEGACY_READER_KEYS}), ("sae", _LEGACY_SAE_KEYS)):
+            flat = {name: values.pop(key) for key, name in keys.items() if key in values}
+            if flat:
+                nested = values.get(table)
+                values[table] = {**flat, **(nested if isinstance(nested, dict) else {})}
+        return values
 
     def __post_init__(self) -> None:
         if not isinstance(self.reader, ReaderConfig):  # a dict: settings on top of the trainer's reader defaults
@@ -72,13 +96,22 @@ class TrainerConfig:
             self.reader = from_dict(ReaderConfig, values, "reader")
         if not isinstance(self.sae, SAEConfig):
             self.sae = from_dict(SAEConfig, self.sae, "sae")
+        plain = ReaderConfig()
+        refused = sorted(k for k, v in _TRAINING_READS.items() if getattr(self.reader, k) not in (v, getattr(plain, k)))
+        if refused:
+            raise ConfigError(f"the trainer reads with {_TRAINING_READS}; leave reader {refused} unset")
+        self.reader = dataclasses.replace(self.reader, **_TRAINING_READS)
         check_choice("autocast", self.autocast, AUTOCAST_MODES)
-        forced = {k: v for k, v in _TRAINING_READS.items() if getattr(self.reader, k) != v}
-        if forced:
-            raise ConfigError(f"the trainer reads with {_TRAINING_READS}; leave reader {sorted(forced)} unset")
-        for name in ("total_tokens", "checkpoint_every_tokens", "log_every_steps"):
+        for name in ("total_tokens", "checkpoint_every_tokens", "log_every_steps", "dead_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr is not None and not _is_positive(self.lr):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if self.warmup_tokens < 0 or not 0 <= self.decay_start <= 1:
+            raise ConfigError(f"warmup_tokens must be >= 0 and decay_start in [0, 1], got {self.warmup_tokens}, "
+                              f"{self.decay_start}")
+        if not (math.isfinite(self.auxk_coef) and self.auxk_coef >= 0) or (self.k_aux is not None and self.k_aux < 1):
+            raise ConfigError(f"auxk_coef must be >= 0 and k_aux >= 1, got {self.auxk_coef}, {self.k_aux}")
 
     def check_complete(self) -> None:
         """What a run cannot start without (a config file may supply it, so it is not checked earlier)."""
@@ -227,6 +260,10 @@ class Trainer:
         path = checkpoint.newest(self.out)
         if path is None:
             return None
+        saved = checkpoint.read_config(path).get("sae")
+        if saved != self.sae.config_dict():
+            raise CheckpointError(f"{path} holds an SAE of {saved}; this run asks for {self.sae.config_dict()}. "
+                                  f"Resume with the same SAE settings, or train into a new --out")
         state = checkpoint.read_training_state(path, self.cfg.device)
         if state.get("world_size", 1) != self.world:
             raise DistributedError(f"{path} was written by {state.get('world_size', 1)} processes; resume it with "
@@ -245,7 +282,7 @@ class Trainer:
         l0 = metrics.L0()
         l0.add(out["values"])
         return {"step": self.step, "tokens": self.tokens, "loss": float(out["loss"].detach()),
-                "mse": float(out["mse"].detach()), "auxk": float(out["auxk"].detach()), "explained_variance": recon.explained_variance, "nmse": recon.nmse,
+                "mse": recon.mse, "auxk": float(out["auxk"].detach()), "explained_variance": recon.explained_variance, "nmse": recon.nmse,
                 "l0": l0.value, "dead_proportion": self.dead.proportion(), "lr": self.opt.param_groups[0]["lr"],
                 "tokens_per_s": (self.tokens - initial) / (time.perf_counter() - t0)}
 
@@ -296,7 +333,7 @@ class Trainer:
 def _init_distributed(cfg: TrainerConfig) -> tuple[int, int]:
     """torchrun sets WORLD_SIZE/RANK: join the process group (gloo on CPU, nccl on CUDA)."""
     dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if not (dist.is_available() and dist.is_initialized()) and launched_by_torchrun():
         backend = "nccl" if str(cfg.device).startswith("cuda") else "gloo"
         dist.init_process_group(backend)
         if backend == "nccl":

@@ -373,10 +373,6 @@ class ActivationStore:
             for start in range(s.row_start, s.row_stop, per)
         ]
 
-    def chunks(self, location=None) -> list[ChunkRef]:
-        """`chunk_refs` of a location's main array (the first location's by default)."""
-        return self.chunk_refs(self.locations[0] if location is None else location)
-
     def _resolve_rows(self, start: int, stop: int | None) -> list[tuple[int, int]]:
         """The row ranges a read of [start, stop) returns, concatenated (see `read_rows`)."""
         if start < 0 or (stop is not None and stop < 0):
@@ -483,10 +479,6 @@ class ActivationStore:
         `stop`, from the small CLS array: reads none of the patch tokens. float32 unless raw=True."""
         loc = self.check_location(location)
         return self._read(layout.cls_array_key(loc), self.region_images, start, stop, (self.d_model,), lambda x: x, raw)
-
-    def read_all_cls(self, location, raw: bool = False) -> np.ndarray:
-        """Every committed CLS token, in store order: `read_cls(location)`."""
-        return self.read_cls(location, raw=raw)
 
     # ---------------------------------------------------------------- metadata and statistics
     def images(self, include_dropped: bool = False) -> pa.Table:

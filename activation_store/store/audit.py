@@ -230,10 +230,9 @@ def _verify_shard(store: ActivationStore, s: ShardInfo, files: dict[str, int]) -
     if n > s.capacity:
         problems.append(Problem(s.name, f"commit says {n} rows, more than the {s.capacity} planned"))
     for loc in store.locations:
-        for array_key, rows_per in ((layout.array_key(loc), store.chunk_images), (layout.cls_array_key(loc), store.region_images)):
-            ndim = 3 if array_key == layout.array_key(loc) else 2
-            for ci in range(s.row_start // rows_per, -(-(s.row_start + n) // rows_per)):
-                key = layout.chunk_key(array_key, ci, ndim)
+        for cls, ndim in ((False, 3), (True, 2)):
+            for ref in store.chunk_refs(loc, cls=cls, shards=[s.index]):
+                key = layout.chunk_key(ref.array_key, ref.index, ndim)
                 if key not in files:
                     problems.append(Problem(key, f"missing, but shard {s.name} ({s.source}) is committed with rows up to {s.row_start + n - 1}"))
     data = store.storage.read_bytes(layout.shard_images_key(s.index))
