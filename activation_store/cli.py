@@ -137,14 +137,21 @@ def _config_command(sub, wanted: str | None, name: str, func, config: str, help:
     p.set_defaults(func=func, config_type=config)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes end like every other error: one line on stderr, exit 2 (`--help` shows usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"actstore: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     argv = sys.argv[1:] if argv is None else argv
     wanted = next((a for a in argv if not a.startswith("-")), None)
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="actstore",
         description="Store ViT activations once in Zarr, and read them back for SAE training.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("info", help="summarise a store: locations, images, dtype, codec, bytes, shards, statistics",
                        description="Summarise a store: locations, images and tokens, dtype and codec, bytes on disk "
@@ -197,7 +204,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser(argv).parse_args(argv)
+    try:
+        args = build_parser(argv).parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, already printed)
+        return int(exc.code or 0)
     try:
         return args.func(args)
     except ActivationStoreError as exc:

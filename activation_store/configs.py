@@ -130,6 +130,32 @@ def as_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# settings that may hold credentials; only their names are ever written or logged
+SECRET_FIELDS = ("storage_options",)
+_SECRET_WORDS = ("secret", "password", "token", "key", "credential", "auth")
+
+
+def redacted(values):
+    """A config's values (a dataclass or nested dicts) safe to save or log: `storage_options`
+    keep only their key names, and any other value under a key that names a secret is replaced.
+    The one redaction for store attributes, checkpoints, reports and wandb."""
+    if dataclasses.is_dataclass(values) and not isinstance(values, type):
+        values = as_dict(values)
+    if isinstance(values, dict):
+        out = {}
+        for k, v in values.items():
+            if k in SECRET_FIELDS and isinstance(v, dict):
+                out[k] = sorted(v)
+            elif isinstance(k, str) and any(w in k.lower() for w in _SECRET_WORDS) and isinstance(v, str):
+                out[k] = "<redacted>"
+            else:
+                out[k] = redacted(v)
+        return out
+    if isinstance(values, (list, tuple)):
+        return [redacted(v) for v in values]
+    return values
+
+
 def deep_merge(base: dict, top: dict) -> dict:
     out = dict(base)
     for key, value in top.items():
@@ -196,6 +222,17 @@ def _flag_fields(cls, prefix: str = "", path: tuple = (), exclude=frozenset(), d
         yield (*path, f.name), flag, f, hints[f.name], default
 
 
+def _flag_parser(parse):
+    """argparse shows the message of ArgumentTypeError only: keep the parser's own explanation."""
+    def parse_flag(text: str):
+        try:
+            return parse(text)
+        except (ValueError, TypeError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+
+    return parse_flag
+
+
 def cli_exclude(cls) -> frozenset:
     """Dotted fields a config keeps off the command line (its `CLI_EXCLUDE` class attribute)."""
     return frozenset(getattr(cls, "CLI_EXCLUDE", ()))
@@ -215,7 +252,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
             kwargs["choices"] = f.metadata["choices"]
         scalar = _scalar_type(tp)
         if f.metadata.get("parse"):
-            kwargs["type"] = f.metadata["parse"]
+            kwargs["type"] = _flag_parser(f.metadata["parse"])
         elif scalar is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif scalar is not None:

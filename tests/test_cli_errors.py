@@ -64,3 +64,23 @@ def test_real_mistakes_give_our_errors(tmp_path, capsys):
     (tmp_path / "cfg.toml").write_text("[train]\nreader = 3\n")
     _one_line(capsys, ["train", "--config", str(tmp_path / "cfg.toml")], "expected a table of settings")
     assert str(errors.UnknownLocationError("no location x")) == "no location x"  # not KeyError's quoted form
+
+
+def test_bad_values_of_every_kind_are_one_line(tmp_path, capsys):
+    store = make_store(str(tmp_path / "s"), locations="resid_0")
+    store.plan_shards([("a", 8)])
+    write_shard(store, "a", seed=0, n=8)
+    base = ["train", store.url, "--location", "resid_0", "--out", str(tmp_path / "r")]
+    _one_line(capsys, base + ["--device", "cuda"], "no CUDA GPU")
+    _one_line(capsys, base + ["--tokens", "abc"], "tokens are all, cls, patches or token indices")
+    _one_line(capsys, base + ["--checkpoint-every", "0"], "checkpoint_every_tokens must be >= 1")
+    _one_line(capsys, base + ["--lr", "-1"], "lr must be a positive number")
+    _one_line(capsys, base + ["--lr", "nan"], "lr must be a positive number")
+    _one_line(capsys, base + ["--latentz", "8"], "unrecognized arguments: --latentz")
+    _one_line(capsys, ["eval", str(tmp_path / "r"), "--device", "cuda:3"], "device 'cuda:3'")
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- store: x\n- out: y\n")
+    _one_line(capsys, ["train", "--config", str(listing)], "must hold a table of settings")
+    tagged = tmp_path / "tag.yaml"
+    tagged.write_text("store: !!python/object/apply:os.system ['echo pwned']\n")
+    _one_line(capsys, ["train", "--config", str(tagged)], "does not parse")

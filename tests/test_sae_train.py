@@ -83,6 +83,9 @@ def test_sigkill_mid_training_then_rerun_gives_the_uninterrupted_weights(tmp_pat
     got, ref = load_file(str(final / "sae.safetensors")), load_file(str(want / "sae.safetensors"))
     for key in ref:
         torch.testing.assert_close(got[key], ref[key], rtol=0, atol=0)
+    # the log is the uninterrupted run's: the steps logged after the last checkpoint are not repeated
+    steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
+    assert steps == [json.loads(line)["step"] for line in open(tmp_path / "ref" / "metrics.jsonl")]
 
 
 def test_torchrun_two_processes_train_in_sync(tmp_path):
@@ -217,3 +220,21 @@ def test_a_loaded_checkpoint_takes_raw_store_rows(tmp_path, normalize):
     with torch.no_grad():
         unfolded = trained(raw)
     assert float((unfolded - want).norm() / want.norm()) > 1e-2, "the trained-space SAE must differ on raw rows"
+
+
+def test_credentials_never_reach_checkpoints_or_wandb(tmp_path, monkeypatch):
+    import types
+
+    seen = {}
+    fake = types.SimpleNamespace(init=lambda **kw: seen.update(kw), log=lambda *a, **kw: None)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    planted_store(tmp_path / "s", n_samples=2048, d=16, n_features=32)
+    secret = {"key": "AKIAEXAMPLE", "secret": "s3cr3t-value", "client_kwargs": {"aws_session_token": "t0ken"}}
+    result = train(TrainerConfig(store=str(tmp_path / "s"), out=str(tmp_path / "run"), total_tokens=1280,
+                                 warmup_tokens=0, wandb=True, storage_options=secret,
+                                 reader={"location": "resid_0", "batch_size": 128, "buffer_tokens": 2048},
+                                 sae={"n_latents": 32, "k": 2}))
+    written = json.dumps(seen, default=str) + open(os.path.join(result["checkpoint"], "config.json")).read()
+    for value in ("AKIAEXAMPLE", "s3cr3t-value", "t0ken"):
+        assert value not in written
+    assert seen["config"]["storage_options"] == ["client_kwargs", "key", "secret"]  # the names only

@@ -14,7 +14,12 @@ SPLITS = ("all", "train", "eval")
 
 def parse_tokens(text: str):
     """'all', 'cls', 'patches' or token indices '0,5,9'."""
-    return text if text in ("all", "cls", "patches") else comma_list(int)(text)
+    if text in ("all", "cls", "patches"):
+        return text
+    try:
+        return comma_list(int)(text)
+    except ValueError:
+        raise ConfigError(f"tokens are all, cls, patches or token indices like 0,5,9; got {text!r}") from None
 
 
 @dataclass

@@ -17,6 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
+from activation_store.devices import torch_device
 from activation_store.readers.config import ReaderConfig
 from activation_store.readers.normalize import Normalizer
 from activation_store.readers.selection import TokenSelection
@@ -40,7 +41,7 @@ class Engine:
         dtype, device, buffer_tokens, threads = cfg.dtype, cfg.device, cfg.buffer_tokens, cfg.threads
         batch_size = cfg.batch_size
         self.out_dtype = TORCH_DTYPES[dtype]
-        self.device = torch.device(device)
+        self.device = torch_device(device)
         self.normalizer = normalizer
         self.d = store.d_model
         self.pdtype = physical_dtype(store.dtype)

@@ -1,5 +1,5 @@
 """The SAE checkpoint of a training run, and only here: where checkpoints live, how one is written
-(atomically), listed, found and read back.
+(atomically), listed, found and read back; where the run's log lives.
 
     RUN/checkpoints/<tokens, 13 digits>/
         sae.safetensors        W_enc, W_dec, b_enc, b_dec, in the normalised space the SAE trained in
@@ -28,6 +28,12 @@ from activation_store.sae.metrics import DeadLatents
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS, CONFIG, TRAINER = "sae.safetensors", "config.json", "trainer.pt"
+LOG = "metrics.jsonl"  # RUN/metrics.jsonl: the trainer's metrics, one JSON line every log_every_steps
+
+
+def log_of(ckpt: str | Path) -> Path:
+    """The training log of the run a checkpoint belongs to."""
+    return Path(ckpt).parent.parent / LOG
 
 
 # ---------------------------------------------------------------------------- finding

@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from activation_store.configs import check_choice, option
+from activation_store.devices import torch_device
 from activation_store.errors import CheckpointError, ConfigError, NoDataError
 from activation_store.readers import OrderedReader
 from activation_store.readers.config import NORMALIZE_MODES, parse_tokens
@@ -125,6 +126,7 @@ class TopImages:
 
 def evaluate(cfg: EvalConfig) -> dict:
     cfg.check_complete()
+    torch_device(cfg.device)
     sub = resolve_subject(cfg)
     sae, store = sub.sae.eval(), sub.store
     if sae.cfg.d_in != store.d_model:
@@ -175,7 +177,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     figures = {"tokenwise": report.tokenwise_png(result["tokenwise_mse"], out / "tokenwise_mse.png")}
-    curves = sub.checkpoint.parent.parent / "metrics.jsonl" if sub.checkpoint is not None else None
+    curves = checkpoint.log_of(sub.checkpoint) if sub.checkpoint is not None else None
     curves_file = report.curves_png(curves, out / "training_curves.png") if curves and curves.exists() else None
     if curves_file:
         figures["curves"] = curves_file

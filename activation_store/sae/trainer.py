@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from activation_store import faults
 from activation_store.distributed import launched_by_torchrun, resolve_rank
-from activation_store.configs import as_dict, check_choice, deep_merge, from_dict, option
+from activation_store.configs import as_dict, check_choice, deep_merge, from_dict, option, redacted
 from activation_store.errors import CheckpointError, ConfigError, DistributedError
 from activation_store.readers import ReaderConfig, ShuffledReader
 from activation_store.sae import checkpoint, metrics
@@ -236,7 +236,7 @@ class Trainer:
     def _run_description(self) -> dict:
         cfg = self.cfg
         return {"sae": self.sae.config_dict(), "world_size": self.world,
-                "trainer": as_dict(cfg) | {"storage_options": sorted(cfg.storage_options)},
+                "trainer": redacted(cfg),
                 "store": self.store.url, "location": cfg.reader.location, "tokens": self.reader.cfg.tokens,
                 "holdout": cfg.reader.holdout if cfg.reader.split == "train" else 0.0,
                 "normalizer": {k: v for k, v in self.reader.normalizer.state_dict().items() if k in ("mode", "source")}}
@@ -273,6 +273,8 @@ class Trainer:
         self.dead.load_state_dict(state["dead"])
         self.step, self.tokens = state["step"], state["tokens"]
         self.reader.load_state_dict(checkpoint.read_reader_state(path, self.rank))
+        if self.rank == 0:
+            _truncate_log(self.out / checkpoint.LOG, self.step)
         return path
 
     # ------------------------------------------------------------------ training
@@ -289,7 +291,7 @@ class Trainer:
     def train(self) -> dict:
         cfg = self.cfg
         it = iter(self.reader)
-        log = open(self.out / "metrics.jsonl", "a")
+        log = open(self.out / checkpoint.LOG, "a")
         progress = tqdm(total=cfg.total_tokens, initial=self.tokens, unit="tok", unit_scale=True, desc="train")
         next_ckpt = (self.tokens // cfg.checkpoint_every_tokens + 1) * cfg.checkpoint_every_tokens
         wandb = _wandb(cfg) if cfg.wandb else None
@@ -330,6 +332,24 @@ class Trainer:
                 "rank": self.rank, "world_size": self.world, "ranks_in_sync": True}
 
 
+def _truncate_log(path: Path, step: int) -> None:
+    """The training log as of a checkpoint: lines of later steps (written before a kill, and about to
+    be written again by the resumed run) and a line cut by the kill are dropped."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
 def _init_distributed(cfg: TrainerConfig) -> tuple[int, int]:
     """torchrun sets WORLD_SIZE/RANK: join the process group (gloo on CPU, nccl on CUDA)."""
     dist = torch.distributed
@@ -361,7 +381,7 @@ def _wandb(cfg: TrainerConfig):
         import wandb
     except ImportError as exc:
         raise ConfigError("--wandb needs the wandb package: pip install wandb") from exc
-    wandb.init(project="activation-store", config=as_dict(cfg))
+    wandb.init(project="activation-store", config=redacted(cfg))
     return wandb
 
 
