@@ -55,19 +55,12 @@ def cmd_info(args) -> int:
 
 def cmd_verify(args) -> int:
     from activation_store.store import open_store
-    from activation_store.store.audit import verify
+    from activation_store.store.audit import format_verify, verify
 
     store = open_store(args.store, _storage_options(args))
-    problems = verify(store, workers=args.workers, progress=not args.quiet)
-    if args.json:
-        print(json.dumps({"ok": not problems, "problems": [{"where": p.where, "what": p.what} for p in problems]}, indent=2))
-    elif problems:
-        print(f"{len(problems)} problem(s) in {store.url}:")
-        for p in problems:
-            print(f"  {p}")
-    else:
-        print(f"{store.url}: OK ({len(store.committed_shards())} committed shards, {store.n_images:,} images, every checksum valid)")
-    return 1 if problems else 0
+    report = verify(store, workers=args.workers, progress=not args.quiet)
+    print(json.dumps(report.to_json(), indent=2) if args.json else format_verify(store.url, report))
+    return 1 if report else 0
 
 
 def cmd_harvest(args) -> int:
