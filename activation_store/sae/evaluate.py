@@ -185,6 +185,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     result["grids"] = _grids(cfg, firing, top_cls, top_patch, images, out, eval_images)
     if cfg.sort_eval_pairs:
         result["sort_eval"] = write_sort_eval(top_cls, firing.cls_images, cfg, images, out / "sort_eval")
+    result["missing_tiles"] = dict(images.missing)  # grey tiles, by reason
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     report.write_html(result, figures, out)
     return result

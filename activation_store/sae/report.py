@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+import fsspec
 import numpy as np
 from PIL import Image
 
@@ -16,25 +17,47 @@ from activation_store.tar_shards import image_of, read_sample
 
 
 class ImageFetcher:
-    """An image of the store, by row, through its metadata: a file path (folders) or a tar member
-    (webdataset shards); a grey tile when the source moved or is unreadable."""
+    """An image of the store, by row, read back from where its bytes live.
+
+    Stores of format 1.1 record that in the image table: `data_url` (the image file, or the tar or
+    img2dataset shard holding it) with `data_offset`/`data_size` (the bytes' range; -1 for a whole
+    file), read with one ranged request, local or remote. 1.0 stores fall back to the file path in
+    `url`, or to the tar named by `source_shard`, searched by key. A tile that cannot be found is
+    grey and counted by reason (`missing`), and the report says how many there were."""
 
     def __init__(self, store, storage_options: dict | None = None) -> None:
         table = store.images().to_pylist()
         self.by_row = {r["row"]: r for r in table}
         self.storage_options = storage_options
+        self.missing: dict[str, int] = {}
 
     def get(self, row: int) -> Image.Image:
         meta = self.by_row.get(row)
         try:
-            if meta and meta.get("url") and Path(meta["url"]).is_file():
-                return Image.open(meta["url"]).convert("RGB")
-            if meta and str(meta.get("source_shard", "")).endswith(".tar"):
-                data = image_of(read_sample(meta["source_shard"], meta["key"], self.storage_options) or {})
-                if data is not None:
-                    return Image.open(io.BytesIO(data)).convert("RGB")
-        except Exception:  # a moved or unreadable source: show a blank tile, keep the report
-            pass
+            data = self._bytes(meta) if meta else None
+            if data is None:
+                return self._grey("no recorded location" if meta else "row not in the image table")
+            return Image.open(io.BytesIO(data)).convert("RGB")
+        except FileNotFoundError:
+            return self._grey("source file gone")
+        except Exception as exc:  # unreadable or not decodable: a grey tile, counted by cause
+            return self._grey(f"unreadable ({type(exc).__name__})")
+
+    def _bytes(self, meta: dict) -> bytes | None:
+        url, offset, size = meta.get("data_url"), meta.get("data_offset"), meta.get("data_size")
+        if url:
+            fs, path = fsspec.core.url_to_fs(url, **(self.storage_options or {}))
+            if offset is not None and offset >= 0 and size is not None and size >= 0:
+                return fs.cat_file(path, start=offset, end=offset + size)
+            return fs.cat_file(path)
+        if meta.get("url") and Path(meta["url"]).is_file():  # 1.0 stores: folder harvests
+            return Path(meta["url"]).read_bytes()
+        if str(meta.get("source_shard", "")).endswith(".tar"):  # 1.0 stores: webdataset tars
+            return image_of(read_sample(meta["source_shard"], meta["key"], self.storage_options) or {})
+        return None
+
+    def _grey(self, reason: str) -> Image.Image:
+        self.missing[reason] = self.missing.get(reason, 0) + 1
         return Image.new("RGB", (224, 224), (200, 200, 200))
 
 
@@ -107,7 +130,10 @@ def curves_png(jsonl: Path, path: Path) -> str | None:
 
 def write_html(result: dict, figures: dict, out: Path) -> None:
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v if not isinstance(v, float) else round(v, 6)))}</td></tr>"
-                   for k, v in result.items() if k not in ("tokenwise_mse", "grids"))
+                   for k, v in result.items() if k not in ("tokenwise_mse", "grids", "missing_tiles"))
+    missing = result.get("missing_tiles") or {}
+    warning = (f'<p class="warning">{sum(missing.values())} image tiles could not be loaded (grey): '
+               + html.escape(", ".join(f"{n} {why}" for why, n in sorted(missing.items()))) + "</p>") if missing else ""
     figs = "".join(f'<figure><img src="{html.escape(f)}" alt="{html.escape(k)}"><figcaption>{html.escape(k)}</figcaption></figure>'
                    for k, f in figures.items())
     grids = "".join(f'<figure><img src="{html.escape(g["file"])}" alt="latent {g["latent"]}" width="240">'
@@ -115,10 +141,10 @@ def write_html(result: dict, figures: dict, out: Path) -> None:
                     f'{html.escape(str(g["values"][:3]))}...</figcaption></figure>' for g in result["grids"])
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>SAE evaluation</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td{{border:1px solid #ccc;padding:3px 8px}}
-figure{{display:inline-block;margin:6px}}</style></head><body>
+figure{{display:inline-block;margin:6px}} .warning{{color:#a40}}</style></head><body>
 <h1>SAE evaluation: {html.escape(result['location'])}</h1>
 <p>{'Held-out images (split by image)' if result['split'] == 'eval' else 'Training images (the run held out none)'}: {result['eval_images']} images, {result['eval_tokens']} tokens.</p>
-<table>{rows}</table><h2>Figures</h2>{figs}<h2>Top activating images (3x3, best first)</h2>{grids}
+<table>{rows}</table><h2>Figures</h2>{figs}<h2>Top activating images (3x3, best first)</h2>{warning}{grids}
 <script>window.addEventListener("load", () => {{ const im = [...document.images];
 document.body.setAttribute("data-images-loaded", im.filter(i => i.complete && i.naturalWidth > 0).length + "/" + im.length);
 }});</script>
