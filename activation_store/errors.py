@@ -5,14 +5,15 @@ it as one line and exits 2.
     ActivationStoreError
       ConfigError              an argument, flag or config-file value is invalid
       StoreError               the store at a path is absent, foreign, too new or in the wrong state
-        StoreNotFoundError, StoreExistsError, StoreVersionError, StoreFormatError,
-        StoreMismatchError, ShardStateError, CapacityError, UnknownLocationError,
-        RowsNotCommittedError
+        StoreNotFoundError, StoreExistsError (StoreNotEmptyError), StoreVersionError,
+        StoreFormatError, StoreMismatchError, ShardStateError (ShardClaimedError), CapacityError,
+        UnknownLocationError, RowsNotCommittedError, StorageWriteError
       DataError                stored or given data is damaged or unusable
         ChunkCorruptError, ChunkMissingError, NonFiniteActivationError, NoDataError
       ModelError               the ViT cannot be built or does not fit the request
         PretrainedUnavailableError
       SourceError              an input source failed (img2dataset stopped, a shard of another rank)
+      HarvestError             a stage of the harvest pipeline failed with a foreign error
       CheckpointError          an SAE checkpoint is missing, unreadable or of an unknown format
       DistributedError         processes of one run disagree (weights out of sync, wrong world size)
 """
@@ -111,3 +112,24 @@ class CheckpointError(ActivationStoreError):
 
 class DistributedError(ActivationStoreError):
     """The processes of one run disagree (SAE weights out of sync, a different world size)."""
+
+
+# ---------------------------------------------------------------------------- the harvest pipeline
+class HarvestError(ActivationStoreError):
+    """A stage of the harvest (writing to the store, reading or decoding images, the forward pass)
+    failed with a foreign error; the message names the stage, the cause's type and message, and
+    what to do. The input shard being harvested stays uncommitted: a rerun redoes it."""
+
+
+# ---------------------------------------------------------------------------- faults of storage and writers
+class StoreNotEmptyError(StoreExistsError):
+    """Creating a store at a path that holds something that is not an activation store (creating never
+    deletes what it did not write)."""
+
+
+class ShardClaimedError(ShardStateError):
+    """Another writer holds the input shard's claim (or took it over from this writer)."""
+
+
+class StorageWriteError(StoreError):
+    """Storage refused a write: no space left, a read-only file system, no permission."""

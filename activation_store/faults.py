@@ -3,7 +3,10 @@
 test kills a run at an exact place instead of after a sleep that a fast run outlives.
 
 Points: `train_step` (after an optimiser step), `harvest_batch` (after a batch is handed to the
-shard writer). Unset, it costs one dict lookup."""
+shard writer), `store_create` (after each object a store's creation writes: the creation marker, each
+group and array, the root zarr.json), `store_plan` (after each array a planning step grows and each
+shard group it writes), `atomic_write` (inside `Storage.write_bytes`, after the temporary object is
+written and before it replaces the target). Unset, it costs one dict lookup."""
 
 from __future__ import annotations
 

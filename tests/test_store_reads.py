@@ -11,7 +11,8 @@ from zarr.codecs import BytesCodec, GzipCodec
 
 from activation_store._version import __version__
 from activation_store.errors import (
-    ChunkCorruptError, ConfigError, RowsNotCommittedError, StoreError, StoreFormatError, UnknownLocationError,
+    ChunkCorruptError, ChunkMissingError, ConfigError, RowsNotCommittedError, StoreError, StoreFormatError,
+    UnknownLocationError,
 )
 from activation_store.store import ChunkRef, HookLocation, StoreConfig, open_store
 from activation_store.store import activation_store as store_module
@@ -248,3 +249,62 @@ def test_the_store_module_does_not_import_the_package_init():
     top = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "activation_store"]
     assert top == []
     assert store_module.__version__ == __version__
+
+
+# ---------------------------------------------------------------------------- damaged metadata
+@pytest.fixture
+def committed(store_factory):
+    store = store_factory()
+    store.plan_shards([("a", 6), ("b", 5)])
+    write_shard(store, "a", 1, 6)
+    write_shard(store, "b", 2, 5)
+    return store.url
+
+
+def _reads(url):
+    """What a reader does: open, list the shards, read rows, statistics and the image table."""
+    s = open_store(url)
+    s.read_rows("resid_2")
+    s.read_cls("resid_5")
+    s.stats("resid_2")
+    s.images()
+
+
+@pytest.mark.parametrize("damage,error,names", [
+    ("shard-json", StoreFormatError, r"shards/s000001/zarr.json \(the metadata of shard s000001.*not valid JSON"),
+    ("shard-record", StoreFormatError, r"shards/s000001/zarr.json has no valid 'activation_store_shard'"),
+    ("shard-missing", StoreFormatError, r"shards/s000001/zarr.json \(the record of shard s000001.*is missing, but"),
+    ("array-missing", StoreFormatError, r"resid_2/zarr.json \(the metadata of array resid_2\) is missing"),
+    ("array-json", StoreFormatError, r"resid_2/zarr.json \(the metadata of array resid_2\) is damaged"),
+    ("cls-array-json", StoreFormatError, r"cls/resid_5/zarr.json \(the metadata of array cls/resid_5\) is damaged"),
+    ("moments-chunk", ChunkCorruptError, r"shards/s000000/moments/c/0/0/0/0 \(the statistics of resid_2 of shard s000000\).*checksum"),
+    ("moments-chunk-missing", ChunkMissingError, r"shards/s000001/moments/c/0/0/0/0 .*is missing"),
+    ("moments-json", StoreFormatError, r"shards/s000000/moments/zarr.json \(the metadata of the statistics of shard s000000\)"),
+])
+def test_damaged_metadata_and_statistics_give_one_error_naming_the_object(committed, damage, error, names):
+    url = committed
+    _reads(url)
+    path = {
+        "shard-json": "shards/s000001/zarr.json", "shard-record": "shards/s000001/zarr.json",
+        "shard-missing": "shards/s000001/zarr.json", "array-missing": "resid_2/zarr.json",
+        "array-json": "resid_2/zarr.json", "cls-array-json": "cls/resid_5/zarr.json",
+        "moments-chunk": "shards/s000000/moments/c/0/0/0/0", "moments-chunk-missing": "shards/s000001/moments/c/0/0/0/0",
+        "moments-json": "shards/s000000/moments/zarr.json",
+    }[damage]
+    full = os.path.join(url, path)
+    if damage.endswith("missing"):
+        os.remove(full)
+    elif damage == "shard-record":
+        doc = json.load(open(full))
+        del doc["attributes"]["activation_store_shard"]["row_start"]
+        json.dump(doc, open(full, "w"))
+    elif damage == "moments-chunk":
+        data = bytearray(open(full, "rb").read())
+        data[10] ^= 0x40
+        open(full, "wb").write(bytes(data))
+    else:
+        data = open(full, "rb").read()
+        open(full, "wb").write(data[: len(data) // 2])  # cut short, as a crash of a non-atomic writer would
+    with pytest.raises(error, match=names) as e:
+        _reads(url)
+    assert "\n" not in str(e.value)

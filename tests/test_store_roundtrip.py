@@ -1,20 +1,24 @@
 """Format v1 round trips: what goes in comes out, through our API and through plain zarr."""
 
 import json
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import zarr
+from crc32c import crc32c
 
 from activation_store.errors import (
-    CapacityError, ConfigError, NonFiniteActivationError, RowsNotCommittedError, ShardStateError, StoreExistsError,
-    StoreFormatError, StoreNotFoundError, StoreVersionError, UnknownLocationError,
+    CapacityError, ChunkCorruptError, ConfigError, NonFiniteActivationError, RowsNotCommittedError, ShardStateError,
+    StoreExistsError, StoreFormatError, StoreNotEmptyError, StoreNotFoundError, StoreVersionError,
+    UnknownLocationError,
 )
 from activation_store.store import ImageRecord, open_store
 from activation_store.store.encoding import LOSSLESS_PRESETS, to_float32, to_storage
-from store_helpers import records, shard_data, write_shard
+from activation_store.store.images import decode_name, decode_text
+from store_helpers import make_store, records, shard_data, write_shard
 
 
 def representable(x, dtype):
@@ -94,7 +98,7 @@ def test_root_attributes_describe_the_store(store_factory):
     store = store_factory(dtype="bf16", codec="zstd")
     g = zarr.open_group(store.url, mode="r")
     a = g.attrs["activation_store"]
-    assert a["format_version"] == "1.0"
+    assert a["format_version"] == "1.1"
     assert a["locations"] == ["resid_2", "resid_5"] and a["n_tokens"] == 17 and a["d_model"] == 32
     assert a["dtype"] == "bf16" and a["physical_dtype"] == "uint16"
     assert [c["name"] for c in a["codec_chain"]] == ["bytes", "zstd", "crc32c"]
@@ -198,3 +202,73 @@ def test_opening_errors(store_factory, tmp_path):
     json.dump(meta, open(meta_path, "w"))
     with pytest.raises(StoreVersionError, match=r"format 2\.0.*reads format 1\.x"):
         open_store(store.url)
+
+
+def test_create_refuses_a_directory_that_is_not_empty_and_deletes_nothing(tmp_path):
+    home = tmp_path / "home"
+    (home / "Documents").mkdir(parents=True)
+    (home / "notes.txt").write_text("mine")
+    (home / "Documents" / "thesis.tex").write_text("mine too")
+    with pytest.raises(StoreNotEmptyError, match=r"is not empty and is not an activation store.*'Documents', 'notes.txt'"):
+        make_store(str(home))
+    assert sorted(os.listdir(home)) == ["Documents", "notes.txt"] and (home / "notes.txt").read_text() == "mine"
+    assert issubclass(StoreNotEmptyError, StoreExistsError)
+    # names a store would use are no excuse: a file it did not write is refused too
+    (tmp_path / "look-alike" / "shards").mkdir(parents=True)
+    (tmp_path / "look-alike" / "shards" / "data.bin").write_bytes(b"x")
+    with pytest.raises(StoreNotEmptyError, match="shards/data.bin"):
+        make_store(str(tmp_path / "look-alike"))
+    assert os.listdir(tmp_path / "look-alike" / "shards") == ["data.bin"]
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(StoreExistsError, match="is a file"):
+        make_store(str(tmp_path / "a-file"))
+    # an empty directory is fine
+    (tmp_path / "empty").mkdir()
+    assert make_store(str(tmp_path / "empty")).locations == ["resid_2", "resid_5"]
+
+
+def test_names_that_are_not_utf8_are_stored_percent_encoded_and_decode_to_their_bytes(store_factory):
+    store = store_factory()
+    store.plan_shards([("a", 3)])
+    bad = os.fsdecode(b"img\xff.jpg")  # a file name with a byte that is not UTF-8: '\udcff' in Python
+    folder = os.fsdecode(b"/data/caf\xe9")
+    recs = [ImageRecord(key=bad, url=f"{folder}/{bad}", source_shard=folder, source_row=0),
+            ImageRecord(key="100%.jpg", url="http://x/a%20b.jpg", source_shard="a", source_row=1),
+            ImageRecord(key="ok.jpg", source_shard="a", source_row=2)]
+    gone = os.fsdecode(b"gone\xfe.jpg")
+    dropped = ImageRecord(key=gone, source_shard="a", status="decode_error", error=f"cannot decode {gone}")
+    with store.writer("a") as w:
+        w.add({k: v[:3] for k, v in shard_data(store, 1, 3).items()}, recs)
+        w.add_dropped([dropped])
+    t = open_store(store.url).images(include_dropped=True).to_pylist()
+    assert [r["percent_encoded"] for r in t] == [True, False, False, True]
+    assert t[0]["key"] == "img%FF.jpg" and t[0]["source_shard"] == "/data/caf%E9"
+    assert decode_name(t[0]["key"]) == b"img\xff.jpg" and decode_text(t[0]["key"]) == bad
+    assert decode_name(t[0]["url"]) == b"/data/caf\xe9/img\xff.jpg"
+    assert decode_name(t[0]["source_shard"]) == os.fsencode(folder)
+    assert t[1]["key"] == "100%.jpg" and t[1]["url"] == "http://x/a%20b.jpg"  # valid names are stored as given
+    assert decode_text(t[3]["error"]) == dropped.error and t[3]["status"] == "decode_error"
+
+
+def test_the_commit_record_checksums_the_image_table_and_reads_check_it(store_factory):
+    store = store_factory()
+    store.plan_shards([("a", 5)])
+    write_shard(store, "a", 1, 5, dropped=1)
+    s = open_store(store.url)
+    commit = s.shard("a").commit
+    path = os.path.join(store.url, "shards", "s000000", "images.parquet")
+    data = open(path, "rb").read()
+    assert commit["images_crc32c"] == crc32c(data) and commit["moments_chunks"] == 2
+    assert s.images().num_rows == 5
+    damaged = bytearray(data)
+    damaged[len(data) // 2] ^= 0x01
+    open(path, "wb").write(bytes(damaged))
+    with pytest.raises(ChunkCorruptError, match=r"shards/s000000/images.parquet \(the image table of shard s000000.*checksum"):
+        open_store(store.url).images()
+    # a 1.0 commit has no checksum: nothing to check against (the damage then shows as parquet's own error, or not at all)
+    meta = os.path.join(store.url, "shards", "s000000", "zarr.json")
+    doc = json.load(open(meta))
+    del doc["attributes"]["activation_store_shard"]["commit"]["images_crc32c"]
+    json.dump(doc, open(meta, "w"))
+    open(path, "wb").write(data)
+    assert open_store(store.url).images().num_rows == 5

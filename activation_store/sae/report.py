@@ -13,6 +13,7 @@ import fsspec
 import numpy as np
 from PIL import Image
 
+from activation_store.store.images import decode_text
 from activation_store.tar_shards import image_of, read_sample
 
 
@@ -45,6 +46,8 @@ class ImageFetcher:
 
     def _bytes(self, meta: dict) -> bytes | None:
         url, offset, size = meta.get("data_url"), meta.get("data_offset"), meta.get("data_size")
+        if url and meta.get("percent_encoded"):
+            url = decode_text(url)
         if url:
             fs, path = fsspec.core.url_to_fs(url, **(self.storage_options or {}))
             if offset is not None and offset >= 0 and size is not None and size >= 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -9,6 +10,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 import zarr
+from crc32c import crc32c
 
 from activation_store._version import __version__
 from activation_store.errors import (
@@ -19,10 +21,12 @@ from activation_store.errors import (
     ShardStateError,
     StoreExistsError,
     StoreFormatError,
+    StoreNotEmptyError,
     StoreNotFoundError,
     StoreVersionError,
     UnknownLocationError,
 )
+from activation_store.faults import kill_point
 from activation_store.store import layout
 from activation_store.store.chunk_io import CRC_BYTES, ChunkCodec
 from activation_store.store.config import StoreConfig
@@ -30,8 +34,17 @@ from activation_store.store.encoding import CodecSpec, fill_value, physical_dtyp
 from activation_store.store.images import SCHEMA as IMAGES_SCHEMA
 from activation_store.store.images import from_parquet_bytes
 from activation_store.store.locations import parse_locations
+from activation_store.store.nodes import (
+    array_document,
+    array_shape,
+    group_document,
+    grown_array_document,
+    parse_document,
+    read_document,
+    shard_document,
+)
 from activation_store.store.stats import Moments
-from activation_store.store.storage import Storage
+from activation_store.store.storage import Storage, is_temporary, temporary_target
 
 
 @dataclass
@@ -104,6 +117,73 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _creation_documents(root_attrs: dict, locs: list[str], n_tokens: int, d_model: int, config: StoreConfig,
+                        codec: CodecSpec) -> dict[str, bytes]:
+    """{key: zarr.json} of every object a store's creation writes, in order: the root last."""
+    docs = {layout.node_key(layout.CLS_GROUP): group_document(), layout.node_key(layout.SHARDS_GROUP): group_document()}
+    for loc in locs:
+        for key, shape, chunks, tokens in (
+            (layout.array_key(loc), (0, n_tokens, d_model), (config.chunk_images, n_tokens, d_model), "all"),
+            (layout.cls_array_key(loc), (0, d_model), (config.region_images, d_model), "cls"),
+        ):
+            docs[layout.node_key(key)] = array_document(
+                shape=shape,
+                chunks=chunks,
+                dtype=physical_dtype(config.dtype),
+                fill_value=fill_value(config.dtype),
+                serializer=codec.serializer(),
+                compressors=codec.compressors(),
+                attributes={layout.ARRAY_ATTR: {"location": loc, "tokens": tokens, "logical_dtype": config.dtype}},
+                dimension_names=("image", "token", "channel") if tokens == "all" else ("image", "channel"),
+            )
+    docs[layout.node_key("")] = group_document({layout.ROOT_ATTR: root_attrs})
+    return docs
+
+
+def _listing(names: list[str], limit: int = 3) -> str:
+    return ", ".join(repr(n) for n in names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _check_creatable(storage: Storage, objects: list[str]) -> list[str]:
+    """Refuse to create a store where anything is that a store's creation did not write; returns the
+    objects an interrupted earlier creation listed (the caller's to replace), after deleting the
+    temporaries of its atomic writes. Reads the top level first, so a home directory given by mistake
+    is refused without walking it."""
+    if storage.is_file(""):
+        raise StoreExistsError(f"{storage.url} is a file, not a directory; pick a path for the new store")
+    names = storage.list_dir("")
+    if not names:
+        return []
+    if "zarr.json" in names:
+        raise StoreExistsError(f"{storage.url} already holds a Zarr group; open it, or pick a new path")
+    marker = layout.CREATING_MARKER in names
+    earlier: list[str] = []
+    if marker:
+        try:
+            earlier = [str(k) for k in json.loads(storage.read_bytes(layout.CREATING_MARKER, count=False))["objects"]]
+        except (TypeError, ValueError, KeyError):
+            earlier = []
+    ours = {*objects, *earlier, layout.CREATING_MARKER}
+
+    def foreign(key: str) -> bool:  # without the marker, only temporaries of its own first write are ours
+        return not ((marker and key in ours) or (is_temporary(key) and temporary_target(key) in ours))
+
+    tops = {k.split("/")[0] for k in ours}
+    found = [n for n in names if n not in tops and foreign(n)]
+    files: dict[str, int] = {}
+    if not found:
+        files = storage.list_files("")
+        found = sorted(k for k in files if foreign(k))
+    if found:
+        half = " the remains of an interrupted store creation and" if marker else ""
+        raise StoreNotEmptyError(
+            f"{storage.url} is not empty and is not an activation store: it holds{half} {_listing(found)}, which a "
+            f"store's creation did not write; nothing was changed. Create the store in a new or empty directory"
+        )
+    storage.delete([k for k in files if is_temporary(k)])
+    return earlier
+
+
 class ActivationStore:
     """A store of ViT activations: one array (images, tokens, d_model) per hook location.
 
@@ -140,14 +220,16 @@ class ActivationStore:
         harvest_config: dict | None = None,
         storage_options: dict | None = None,
     ) -> ActivationStore:
-        """Create an empty store (no images planned yet). One process does this, before any writer."""
+        """Create an empty store (no images planned yet). One process does this, before any writer.
+
+        Never deletes what it did not write: a path that holds anything but an activation store whose
+        creation was interrupted is refused (StoreNotEmptyError), an existing store too
+        (StoreExistsError). A creation killed at any point is finished by the next one."""
         config = config or StoreConfig()
         locs = [str(loc) for loc in parse_locations(locations)]
         if n_tokens < 1 or d_model < 1:
             raise ConfigError(f"n_tokens and d_model must be positive, got {n_tokens}, {d_model}")
         storage = Storage(url, storage_options)
-        if storage.exists("zarr.json"):
-            raise StoreExistsError(f"{storage.url} already holds a Zarr group; open it, or pick a new path")
         codec = config.codec_spec()
         root_attrs = {
             "format_version": layout.FORMAT_VERSION,
@@ -167,35 +249,32 @@ class ActivationStore:
             "config": config.to_dict(),
             "harvest_config": harvest_config or {},
         }
-        group = zarr.open_group(storage.zarr_store(), mode="w", attributes={layout.ROOT_ATTR: root_attrs})
-        group.create_group(layout.CLS_GROUP)
-        group.create_group(layout.SHARDS_GROUP)
-        array_config = {"write_empty_chunks": True}  # every written chunk exists: verify counts on it
-        for loc in locs:
-            for key, shape, chunks, tokens in (
-                (layout.array_key(loc), (0, n_tokens, d_model), (config.chunk_images, n_tokens, d_model), "all"),
-                (layout.cls_array_key(loc), (0, d_model), (config.region_images, d_model), "cls"),
-            ):
-                group.create_array(
-                    key,
-                    shape=shape,
-                    chunks=chunks,
-                    dtype=physical_dtype(config.dtype),
-                    fill_value=fill_value(config.dtype),
-                    serializer=codec.serializer(),
-                    compressors=codec.compressors(),
-                    config=array_config,
-                    attributes={
-                        layout.ARRAY_ATTR: {"location": loc, "tokens": tokens, "logical_dtype": config.dtype}
-                    },
-                    dimension_names=("image", "token", "channel") if tokens == "all" else ("image", "channel"),
-                )
-        return cls(storage, root_attrs, group)
+        docs = _creation_documents(root_attrs, locs, int(n_tokens), int(d_model), config, codec)
+        earlier = _check_creatable(storage, list(docs))
+        # Restartable from any point: a marker first (it lists every object creation writes, so a rerun
+        # knows them for its own), the root zarr.json last, then the marker goes. A directory without the
+        # root document is no store yet (open says so) and the next create finishes it.
+        others = [k for k in earlier if k not in docs]  # written by an earlier attempt with other settings
+        marker = {"created_at": root_attrs["created_at"], "software_version": __version__, "objects": [*docs, *others]}
+        storage.write_bytes(layout.CREATING_MARKER, json.dumps(marker, indent=2).encode())
+        kill_point("store_create")
+        storage.delete(others)
+        storage.remove_empty_folders(others)
+        for key, data in docs.items():
+            storage.write_bytes(key, data)
+            kill_point("store_create")
+        storage.delete([layout.CREATING_MARKER])
+        return cls(storage, root_attrs, zarr.open_group(storage.zarr_store(), mode="r"))
 
     @classmethod
     def open(cls, url: str, storage_options: dict | None = None, mode: str = "r") -> ActivationStore:
         storage = Storage(url, storage_options)
         if not storage.exists("zarr.json"):
+            if storage.exists(layout.CREATING_MARKER):
+                raise StoreNotFoundError(
+                    f"{storage.url} is an activation store whose creation was interrupted (it has no root zarr.json "
+                    f"yet); rerun the command that creates it (the harvest) to finish creating it"
+                )
             raise StoreNotFoundError(
                 f"no activation store at {storage.url} (no zarr.json); check the path, or create one with a harvest"
             )
@@ -236,19 +315,33 @@ class ActivationStore:
             raise UnknownLocationError(f"{self.url} has no location {loc!r}; it has {', '.join(self.locations)}")
         return loc
 
+    def _node(self, key: str) -> zarr.Array:
+        """The zarr array at `key`; StoreFormatError naming its metadata when it is missing or damaged."""
+        if key not in self._arrays:
+            try:
+                node = self._group[key]
+            except Exception as exc:  # noqa: BLE001 - zarr raises KeyError, JSONDecodeError, ValueError, ...
+                meta = layout.node_key(key)
+                state = "damaged" if self.storage.exists(meta) else "missing"
+                raise StoreFormatError(
+                    f"{self.url}: {meta} (the metadata of array {key}) is {state} ({type(exc).__name__}: {exc}); "
+                    f"run `actstore verify {self.url}` to list what else is damaged"
+                ) from exc
+            if not isinstance(node, zarr.Array):
+                raise StoreFormatError(f"{self.url}: {layout.node_key(key)} is a group, not the array {key}")
+            self._arrays[key] = node
+        return self._arrays[key]
+
     def array(self, location) -> zarr.Array:
         """The main zarr array (images, tokens, d_model) of a location, in storage dtype."""
-        loc = self.check_location(location)
-        if loc not in self._arrays:
-            self._arrays[loc] = self._group[layout.array_key(loc)]
-        return self._arrays[loc]
+        return self._node(layout.array_key(self.check_location(location)))
 
     def cls_array(self, location) -> zarr.Array:
-        loc = self.check_location(location)
-        key = layout.cls_array_key(loc)
-        if key not in self._arrays:
-            self._arrays[key] = self._group[key]
-        return self._arrays[key]
+        return self._node(layout.cls_array_key(self.check_location(location)))
+
+    def array_keys(self) -> list[str]:
+        """The keys of every main and CLS array."""
+        return [k for loc in self.locations for k in (layout.array_key(loc), layout.cls_array_key(loc))]
 
     @property
     def capacity(self) -> int:
@@ -257,20 +350,51 @@ class ActivationStore:
 
     # ---------------------------------------------------------------- shards
     def shards(self, refresh: bool = False) -> list[ShardInfo]:
-        """Every planned input shard, in index order."""
+        """Every planned input shard, in index order. Read from storage, so a shard folder whose
+        metadata is missing or damaged is a StoreFormatError naming it, never skipped in silence."""
         if self._shards is None or refresh:
-            group = zarr.open_group(self.storage.zarr_store(), path=layout.SHARDS_GROUP, mode="r")
+            names = [n for n in self.storage.list_dir(layout.SHARDS_GROUP) if layout.SHARD_DIR.fullmatch(n)]
+            keys = {n: layout.node_key(f"{layout.SHARDS_GROUP}/{n}") for n in names}
+            docs = self.storage.read_many(list(keys.values()))
             found = []
-            for _, sub in group.groups():
-                d = sub.attrs.get(layout.SHARD_ATTR)
-                try:
-                    found.append(ShardInfo.from_attrs(d))
-                except (KeyError, TypeError, ValueError, AttributeError) as exc:  # absent (None) or damaged
-                    raise StoreFormatError(
-                        f"{self.url}: shard group {sub.path} has no valid '{layout.SHARD_ATTR}' attributes ({exc!r})"
-                    ) from exc
+            for name, key in keys.items():
+                if docs[key] is None:
+                    self._check_unplanned(name)
+                    continue
+                found.append(self._parse_shard(name, key, docs[key]))
             self._shards = sorted(found, key=lambda s: s.index)
         return self._shards
+
+    def _check_unplanned(self, name: str) -> None:
+        """A shard folder without metadata is a planning step that died before writing it (nothing
+        but our temporaries there); anything else means its record was lost."""
+        prefix = f"{layout.SHARDS_GROUP}/{name}"
+        others = sorted(k for k in self.storage.list_files(prefix) if not is_temporary(k))
+        if others:
+            raise StoreFormatError(
+                f"{self.url}: {prefix}/zarr.json (the record of shard {name}: its state, region and commit) is missing, "
+                f"but {prefix} holds {len(others)} object(s) ({others[0]}, ...); run `actstore verify {self.url}`"
+            )
+
+    def _parse_shard(self, name: str, key: str, data: bytes) -> ShardInfo:
+        doc = parse_document(self.url, key, data, "group", f"shard {name}: its state, region and commit")
+        try:
+            info = ShardInfo.from_attrs(doc["attributes"][layout.SHARD_ATTR])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # absent (None) or damaged
+            raise StoreFormatError(
+                f"{self.url}: {key} has no valid '{layout.SHARD_ATTR}' attributes ({exc!r}); run `actstore verify {self.url}`"
+            ) from exc
+        if info.name != name:
+            raise StoreFormatError(f"{self.url}: {key} holds the record of shard {info.name}, not of {name}")
+        return info
+
+    def read_shard(self, index: int) -> ShardInfo:
+        """One shard's record as it is in storage now (not as this store saw it when listing)."""
+        key = layout.node_key(layout.shard_group_key(index))
+        data = self.storage.read_bytes(key, count=False)
+        if data is None:
+            raise StoreFormatError(f"{self.url}: {key} (the record of shard {layout.shard_name(index)}) is missing")
+        return self._parse_shard(layout.shard_name(index), key, data)
 
     def refresh(self) -> ActivationStore:
         """See shards committed (and regions planned) since this store was opened."""
@@ -293,7 +417,8 @@ class ActivationStore:
         `region_images`, after every region planned so far, and grow the arrays to hold them.
 
         Idempotent: a source planned before keeps its region (its capacity must not grow). Run it in
-        one process, before the writers of these shards start (other writers may keep running).
+        one process, before the writers of these shards start (other writers may keep running). Killed
+        at any point, a rerun with the same shards gives the store an uninterrupted run gives.
         """
         existing = {s.source: s for s in self.shards(refresh=True)}
         next_index = max((s.index for s in existing.values()), default=-1) + 1
@@ -319,17 +444,32 @@ class ActivationStore:
             next_row += region
             result.append(info)
             new.append(info)
-        if new:
-            root = zarr.open_group(self.storage.zarr_store(), mode="r+")
-            for info in new:
-                root.create_group(layout.shard_group_key(info.index), attributes={layout.SHARD_ATTR: info.to_attrs()})
-            for loc in self.locations:
-                main, cls_arr = root[layout.array_key(loc)], root[layout.cls_array_key(loc)]
-                if main.shape[0] < next_row:
-                    main.resize((next_row, self.n_tokens, self.d_model))
-                    cls_arr.resize((next_row, self.d_model))
+        # Restartable from any point: the arrays grow first, so every shard group written covers rows that
+        # exist; a planning step killed before its groups are written leaves the arrays longer than the
+        # regions, and the rerun plans the same regions again. Arrays shorter than the planned regions
+        # (a planner of format 1.0 killed after writing groups) grow here too.
+        grown = False
+        for key in self.array_keys():
+            grown |= self._grow_array(key, next_row)
+        for info in new:
+            group = layout.shard_group_key(info.index)
+            self.storage.clean_temporaries(group)
+            self.storage.write_bytes(layout.node_key(group), shard_document(info.to_attrs()))
+            kill_point("store_plan")
+        if self.storage.exists(layout.CREATING_MARKER):  # a creation killed after its root zarr.json leaves it
+            self.storage.delete([layout.CREATING_MARKER])
+        if new or grown:
             self.refresh()
         return result
+
+    def _grow_array(self, key: str, rows: int) -> bool:
+        meta = layout.node_key(key)
+        doc = read_document(self.storage, meta, "array", f"array {key}")
+        if array_shape(doc, meta, self.url)[0] >= rows:
+            return False
+        self.storage.write_bytes(meta, grown_array_document(doc, rows))
+        kill_point("store_plan")
+        return True
 
     def writer(self, shard: int | str, **kwargs):
         """A writer for one planned input shard (see `ShardWriter`)."""
@@ -393,7 +533,7 @@ class ActivationStore:
     def chunk_codec(self, array_key: str) -> ChunkCodec | None:
         """Our own decoder for an array's chunks, or None when its codec chain is not one of ours."""
         if array_key not in self._codecs:
-            arr = self._group[array_key]
+            arr = self._node(array_key)
             try:
                 self._codecs[array_key] = ChunkCodec([c.to_dict() for c in arr.metadata.codecs])
             except StoreFormatError:  # not one of our presets: zarr decodes it
@@ -423,7 +563,7 @@ class ActivationStore:
         if not self.storage.exists(key):  # zarr would silently return the fill value
             raise ChunkMissingError(f"{what} is missing from storage; run `actstore verify {self.url}`")
         try:
-            out[...] = self._group[array_key][index * rows:(index + 1) * rows]
+            out[...] = self._node(array_key)[index * rows:(index + 1) * rows]
         except ValueError as exc:
             raise ChunkCorruptError(f"{what} is corrupt ({exc})") from exc
 
@@ -482,27 +622,75 @@ class ActivationStore:
 
     # ---------------------------------------------------------------- metadata and statistics
     def images(self, include_dropped: bool = False) -> pa.Table:
-        """Image metadata of committed shards (stored images only, unless include_dropped)."""
-        tables = []
-        for s in self.committed_shards():
-            data = self.storage.read_bytes(layout.shard_images_key(s.index))
-            if data is None:
-                raise StoreFormatError(
-                    f"{self.url}: committed shard {s.name} has no images.parquet; run `actstore verify`"
-                )
-            tables.append(from_parquet_bytes(data))
+        """Image metadata of committed shards (stored images only, unless include_dropped). Each
+        shard's table is checked against the checksum of its commit record (format 1.1)."""
+        tables = [self._shard_images(s) for s in self.committed_shards()]
         table = pa.concat_tables(tables) if tables else IMAGES_SCHEMA.empty_table()
         if not include_dropped:
             table = table.filter(pa.compute.greater_equal(table["row"], 0))
         return table
 
+    def _shard_images(self, s: ShardInfo) -> pa.Table:
+        key = layout.shard_images_key(s.index)
+        data = self.storage.read_bytes(key)
+        if data is None:
+            raise StoreFormatError(f"{self.url}: committed shard {s.name} has no images.parquet; run `actstore verify`")
+        expected = s.commit.get("images_crc32c")  # absent from a 1.0 commit: nothing to check against
+        if expected is not None and crc32c(data) != expected:
+            raise ChunkCorruptError(
+                f"{self.url}: {key} (the image table of shard {s.name}, {s.source}) fails its checksum (crc32c "
+                f"{crc32c(data)}, its commit record says {expected}): its bytes changed after the commit; run "
+                f"`actstore verify {self.url}`"
+            )
+        try:
+            return from_parquet_bytes(data)
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+            raise ChunkCorruptError(
+                f"{self.url}: {key} (the image table of shard {s.name}) is not a readable parquet file ({exc}); "
+                f"run `actstore verify {self.url}`"
+            ) from exc
+
     def shard_moments(self, shard: ShardInfo, location) -> dict[str, Moments]:
         loc = self.check_location(location)
         li = self.locations.index(loc)
-        arr = zarr.open_array(self.storage.zarr_store(), path=layout.shard_moments_key(shard.index), mode="r")
         counts = shard.commit["moment_counts"][loc]
-        block = np.asarray(arr[li])
+        block = self._moments_block(shard, li)
         return {g: Moments.from_array(counts[g], block[gi]) for gi, g in enumerate(layout.MOMENT_GROUPS)}
+
+    def _moments_block(self, shard: ShardInfo, li: int) -> np.ndarray:
+        """Location `li`'s (2, 3, d_model) statistics of a committed shard, checksum checked."""
+        path = layout.shard_moments_key(shard.index)
+        meta = layout.node_key(path)
+        doc = read_document(self.storage, meta, "array", f"the statistics of shard {shard.name}")
+        want = [len(self.locations), len(layout.MOMENT_GROUPS), 3, self.d_model]
+        chunks = doc.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
+        if array_shape(doc, meta, self.url) != want or chunks != [1, *want[1:]] or doc.get("data_type") != "float64":
+            raise StoreFormatError(
+                f"{self.url}: {meta} describes statistics of shape {doc.get('shape')}, chunks {chunks}, "
+                f"{doc.get('data_type')}; expected {want}, chunks {[1, *want[1:]]}, float64"
+            )
+        out = np.zeros((1, *want[1:]), dtype=np.float64)
+        key = layout.chunk_key(path, li, 4)
+        try:
+            codec = ChunkCodec(doc["codecs"])
+        except (StoreFormatError, KeyError, TypeError):  # not our chain: zarr decodes it
+            codec = None
+        data = self.storage.read_bytes(key, count=False)
+        if data is None:
+            if "moments_chunks" in shard.commit:  # format 1.1 writes every chunk; 1.0's zarr skipped zero ones
+                raise ChunkMissingError(
+                    f"{self.url}: {key} (the statistics of {self.locations[li]} of shard {shard.name}) is missing from "
+                    f"storage; run `actstore verify {self.url}`"
+                )
+            return out[0]
+        what = f"{self.url}: {key} (the statistics of {self.locations[li]} of shard {shard.name})"
+        if codec is not None:
+            codec.decode_into(data, out, what)
+            return out[0]
+        try:
+            return np.asarray(zarr.open_array(self.storage.zarr_store(), path=path, mode="r")[li])
+        except Exception as exc:  # noqa: BLE001
+            raise ChunkCorruptError(f"{what} is corrupt ({type(exc).__name__}: {exc})") from exc
 
     def stats_by_group(self, location) -> dict[str, Moments]:
         """Statistics of a location over committed shards for 'all', 'cls' and 'patches' tokens,

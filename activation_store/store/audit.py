@@ -17,6 +17,7 @@ from activation_store.store.activation_store import ActivationStore, ShardInfo
 from activation_store.store.chunk_io import CRC_BYTES, crc_matches
 from activation_store.store.encoding import physical_dtype
 from activation_store.store.images import from_parquet_bytes
+from activation_store.store.storage import is_temporary
 
 STATES = (layout.PLANNED, layout.WRITING, layout.COMMITTED)
 
@@ -336,14 +337,19 @@ def _read_shards(store: ActivationStore, files: dict[str, int], problems: list[P
     index and a damaged record are problems."""
     prefix = layout.SHARDS_GROUP + "/"
     folders: dict[str, int] = {}
+    leftovers: dict[str, int] = {}  # temporaries of an atomic write that a kill interrupted
     for key in files:
         if key.startswith(prefix):
             name, sep, _ = key[len(prefix):].partition("/")
             if sep:  # an object inside a shard folder
                 folders[name] = folders.get(name, 0) + 1
+                leftovers[name] = leftovers.get(name, 0) + is_temporary(key)
     shards: list[ShardInfo] = []
     for name, n_objects in sorted(folders.items()):
         key = f"{prefix}{name}/zarr.json"
+        if leftovers[name] == n_objects and key not in files:
+            continue  # planning was killed before this group's record landed: nothing of it is data
+
         doc, err = _read_json(store, key)
         if err is None:
             try:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-FORMAT_VERSION = "1.0"
+import re
+
+FORMAT_VERSION = "1.1"  # 1.1 adds images_crc32c, moments_chunks, percent-encoded names, claims (docs/format.md)
 FORMAT_MAJOR = 1
 
 ROOT_ATTR = "activation_store"  # namespace of our root-group attributes
@@ -14,6 +16,12 @@ SHARDS_GROUP = "shards"
 MOMENT_GROUPS = ("cls", "patches")  # statistics are kept per token group; "all" is their merge
 
 PLANNED, WRITING, COMMITTED = "planned", "writing", "committed"
+
+# written first by a store's creation and removed last: a directory that holds it but no root zarr.json
+# is a creation that was interrupted, which the next creation may finish (it lists what it writes)
+CREATING_MARKER = ".activation_store_creating"
+CLAIM = "writer.claim"  # in a shard group: the writer that holds the shard (see store/claims.py)
+SHARD_DIR = re.compile(r"s\d{6,}")  # the folder names of shard groups
 
 
 def array_key(location: str) -> str:
@@ -38,6 +46,11 @@ def shard_images_key(index: int) -> str:
 
 def shard_moments_key(index: int) -> str:
     return f"{shard_group_key(index)}/moments"
+
+
+def node_key(path: str) -> str:
+    """The metadata document of the group or array at `path`."""
+    return f"{path}/zarr.json" if path else "zarr.json"
 
 
 def chunk_key(array: str, index: int, ndim: int) -> str:

@@ -1,16 +1,53 @@
 """Where a store lives: a local directory or an object-store URL (`s3://bucket/prefix`), seen
-through fsspec for our own bookkeeping objects and through a zarr store for the arrays."""
+through fsspec for our own bookkeeping objects and through a zarr store for the arrays.
+
+Every write of the package goes through here, so a full disk, a read-only file system or a
+refused permission becomes one StorageWriteError that says what to do, never a raw OSError."""
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
+import re
 import threading
 import uuid
 
 import fsspec
 import zarr
 import zarr.storage
+
+from activation_store.errors import StorageWriteError
+from activation_store.faults import kill_point
+
+TMP_MARK = ".tmp-"  # write_bytes writes `<key>.tmp-<32 hex digits>`, then renames it over `<key>`
+_TMP = re.compile(r"\.tmp-[0-9a-f]{32}$")
+
+
+def is_temporary(key: str) -> bool:
+    """Whether `key` names a temporary object of our own atomic writes (and nothing else)."""
+    return bool(_TMP.search(key))
+
+
+def temporary_target(key: str) -> str:
+    """The key a temporary object was going to replace."""
+    return _TMP.sub("", key)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _mount_point(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    while not os.path.ismount(path):
+        path = os.path.dirname(path)
+    return path
 
 
 class Storage:
@@ -51,70 +88,105 @@ class Storage:
     def path(self, key: str) -> str:
         return posixpath.join(self.root, key) if key else self.root
 
+    # ---------------------------------------------------------------- errors
+    def write_error(self, exc: OSError, key: str, doing: str = "writing") -> StorageWriteError:
+        """A refused write as our own one-line error that says what happened and what to do."""
+        obj = key or "the store"
+        code = getattr(exc, "errno", None)
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            where = _mount_point(self.path(key)) if self.is_local else self.url
+            what = "no space left" if code == errno.ENOSPC else "disk quota exceeded"
+            return StorageWriteError(
+                f"{what} on {where} {doing} {obj} of {self.url}; free space and rerun the same command: committed "
+                f"shards are kept, the shard that was being written is redone")
+        if code == errno.EROFS:
+            return StorageWriteError(
+                f"{self.url} is on a read-only file system ({doing} {obj}); remount it read-write or choose another "
+                f"path, then rerun the same command: committed shards are kept")
+        if code in (errno.EACCES, errno.EPERM) or isinstance(exc, PermissionError):
+            return StorageWriteError(
+                f"{self.path(key)} is not writable (permission denied {doing} {obj}); give this user write access "
+                f"(or credentials that may write there) and rerun the same command: committed shards are kept")
+        return StorageWriteError(
+            f"{doing} {obj} of {self.url} failed ({exc.strerror or exc}); fix the storage and rerun the same command: "
+            f"committed shards are kept")
+
+    # ---------------------------------------------------------------- reads and listings
     def exists(self, key: str = "") -> bool:
         return self.fs.exists(self.path(key))
 
-    def read_bytes(self, key: str) -> bytes | None:
+    def is_file(self, key: str = "") -> bool:
+        return self.fs.isfile(self.path(key))
+
+    def read_bytes(self, key: str, count: bool = True) -> bytes | None:
         try:
             data = self.fs.cat_file(self.path(key))
         except FileNotFoundError:
             return None
-        self.count_read(len(data))
+        if count:
+            self.count_read(len(data))
         return data
 
-    def write_bytes(self, key: str, data: bytes) -> None:
-        """Write an object so that a reader sees either the old or the new content, never half."""
-        path = self.path(key)
-        if self.is_local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        else:
-            self.fs.pipe_file(path, data)  # a single PUT is atomic on object stores
+    def read_many(self, keys: list[str]) -> dict[str, bytes | None]:
+        """{key: bytes or None when absent}; concurrent requests on object stores."""
+        if self.is_local or len(keys) < 2:
+            return {k: self.read_bytes(k, count=False) for k in keys}
+        paths = {self.path(k): k for k in keys}
+        got = self.fs.cat(list(paths), on_error="return")
+        out = {}
+        for p, k in paths.items():
+            v = got.get(p, got.get(p.lstrip("/")))
+            if isinstance(v, FileNotFoundError) or v is None:
+                out[k] = None
+            elif isinstance(v, BaseException):
+                raise v
+            else:
+                out[k] = v
+        return out
 
-    def write_chunk(self, key: str, parts: list) -> None:
-        """Write a chunk object from buffers. Not atomic on local disks: chunks are only read once
-        their shard is committed, and a rerun of an uncommitted shard rewrites them."""
-        path = self.path(key)
+    def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
+        """(content, version): the version is the object's ETag on object stores (None on local disks),
+        taken before the content, so a conditional write against it fails if the content changed."""
+        if self.is_local:
+            return self.read_bytes(key, count=False), None
+        try:
+            version = self.fs.info(self.path(key), refresh=True).get("ETag")
+        except FileNotFoundError:
+            return None, None
+        return self.read_bytes(key, count=False), version
+
+    def modified_at(self, key: str) -> float | None:
+        """The object's modification time (seconds since the epoch), None when absent."""
+        try:
+            if self.is_local:
+                return os.stat(self.path(key)).st_mtime
+            info = self.fs.info(self.path(key), refresh=True)
+        except FileNotFoundError:
+            return None
+        when = info.get("LastModified") or info.get("mtime")
+        return when.timestamp() if hasattr(when, "timestamp") else (float(when) if when is not None else None)
+
+    def list_dir(self, prefix: str = "") -> list[str]:
+        """Names of the objects and folders directly under `prefix` (sorted; [] when there is none)."""
+        base = self.path(prefix)
         if self.is_local:
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            except FileNotFoundError:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                views = [memoryview(p).cast("B") for p in parts]
-                total = sum(v.nbytes for v in views)
-                written = os.writev(fd, views)
-                if written != total:  # short write: finish the rest
-                    data = b"".join(bytes(v) for v in views)[written:]
-                    while data:
-                        data = data[os.write(fd, data):]
-            finally:
-                os.close(fd)
-        else:
-            self.fs.pipe_file(path, b"".join(bytes(memoryview(p).cast("B")) for p in parts))
-
-    def delete(self, keys: list[str]) -> None:
-        paths = [self.path(k) for k in keys]
-        if self.is_local:
-            for p in paths:
-                try:
-                    os.remove(p)
-                except FileNotFoundError:
-                    pass
-        else:
-            existing = [p for p in paths if self.fs.exists(p)]
-            if existing:
-                self.fs.rm(existing)
+                return sorted(os.listdir(base))
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+        self.fs.invalidate_cache(base)
+        try:
+            entries = self.fs.ls(base, detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+        here = base.rstrip("/")
+        return sorted(posixpath.basename(e.rstrip("/")) for e in entries if e.rstrip("/") != here)
 
     def list_files(self, prefix: str) -> dict[str, int]:
         """{key relative to the root: size} for every object under `prefix`."""
         base = self.path(prefix)
+        if not self.is_local:
+            self.fs.invalidate_cache(base)
         if not self.fs.exists(base):
             return {}
         found = self.fs.find(base, detail=True)
@@ -125,3 +197,156 @@ class Storage:
             key = p[len(root):] if p.startswith(root) else p.split(root.lstrip("/"), 1)[-1]
             out[key] = int(info.get("size") or 0)
         return out
+
+    # ---------------------------------------------------------------- writes
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Write an object so that a reader sees either the old or the new content, never half."""
+        path = self.path(key)
+        try:
+            if self.is_local:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex}"
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    kill_point("atomic_write")
+                    os.replace(tmp, path)
+                except BaseException:
+                    _remove_quietly(tmp)  # ours, and never renamed: a full disk gets its space back
+                    raise
+            else:
+                self.fs.pipe_file(path, data)  # a single PUT is atomic on object stores
+        except OSError as exc:
+            raise self.write_error(exc, key) from exc
+
+    def write_chunk(self, key: str, parts: list) -> None:
+        """Write a chunk object from buffers. Not atomic on local disks: chunks are only read once
+        their shard is committed, and a rerun of an uncommitted shard rewrites them."""
+        path = self.path(key)
+        try:
+            if self.is_local:
+                self._write_local_chunk(path, parts)
+            else:
+                self.fs.pipe_file(path, b"".join(bytes(memoryview(p).cast("B")) for p in parts))
+        except OSError as exc:
+            raise self.write_error(exc, key) from exc
+
+    @staticmethod
+    def _write_local_chunk(path: str, parts: list) -> None:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            views = [memoryview(p).cast("B") for p in parts]
+            total = sum(v.nbytes for v in views)
+            written = os.writev(fd, views)
+            if written != total:  # short write: finish the rest
+                data = b"".join(bytes(v) for v in views)[written:]
+                while data:
+                    data = data[os.write(fd, data):]
+        except BaseException:
+            os.close(fd)
+            _remove_quietly(path)  # a chunk of an uncommitted shard, cut short: give its space back
+            raise
+        os.close(fd)
+
+    def create_exclusive(self, key: str, data: bytes) -> str | None:
+        """Write a new object only if there is none at `key` (FileExistsError otherwise): an exclusive
+        create on local disks, a conditional PUT (`If-None-Match: *`) on object stores. Returns the
+        object's version (its ETag) on object stores, None on local disks."""
+        path = self.path(key)
+        try:
+            if not self.is_local:
+                out = self.fs.pipe_file(path, data, mode="create")
+                return out.get("ETag") if isinstance(out, dict) else None
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except BaseException:
+                os.close(fd)
+                _remove_quietly(path)
+                raise
+            os.close(fd)
+            return None
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            raise self.write_error(exc, key) from exc
+
+    def replace_if(self, key: str, data: bytes, version: str | None) -> tuple[bool, str | None]:
+        """Replace the object at `key` if it is still at `version` (a conditional PUT, `If-Match`, on
+        object stores; local disks replace it atomically, the caller holding the object's lock).
+        Returns (replaced, new version)."""
+        if self.is_local or version is None:
+            self.write_bytes(key, data)
+            return True, None
+        try:
+            out = self.fs.pipe_file(self.path(key), data, IfMatch=version)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL or isinstance(exc, FileNotFoundError):  # 412: it changed
+                return False, None
+            raise self.write_error(exc, key) from exc
+        return True, out.get("ETag") if isinstance(out, dict) else None
+
+    def delete_if(self, key: str, version: str | None) -> bool:
+        """Delete the object at `key` if it is still at `version` (object stores; local disks delete it)."""
+        if self.is_local or version is None or not hasattr(self.fs, "call_s3"):
+            self.delete([key])
+            return True
+        bucket, obj, _ = self.fs.split_path(self.path(key))
+        try:
+            self.fs.call_s3("delete_object", Bucket=bucket, Key=obj, IfMatch=version)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL or isinstance(exc, FileNotFoundError):
+                return False
+            raise self.write_error(exc, key, "deleting") from exc
+        self.fs.invalidate_cache(self.path(key))
+        return True
+
+    def delete(self, keys: list[str]) -> None:
+        key = keys[0] if keys else ""
+        try:
+            if self.is_local:
+                for key in keys:
+                    try:
+                        os.remove(self.path(key))
+                    except FileNotFoundError:
+                        pass
+            else:
+                existing = [self.path(k) for k in keys if self.fs.exists(self.path(k))]
+                if existing:
+                    self.fs.rm(existing)
+        except OSError as exc:
+            raise self.write_error(exc, key, "deleting") from exc
+
+    def remove_empty_folders(self, keys: list[str]) -> None:
+        """Local disks: remove the folders of deleted `keys` that are empty now, up to the root (only
+        empty folders: os.rmdir refuses any other)."""
+        if not self.is_local:
+            return
+        for key in keys:
+            folder = os.path.dirname(self.path(key))
+            while folder.startswith(self.root + os.sep):
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    break
+                folder = os.path.dirname(folder)
+
+    def clean_temporaries(self, prefix: str) -> list[str]:
+        """Delete the stale temporaries of our own atomic writes under `prefix` (objects named
+        `<key>.tmp-<32 hex digits>`, and nothing else); returns their keys. Object stores have none:
+        a PUT is atomic there."""
+        if not self.is_local:
+            return []
+        stale = [k for k in self.list_files(prefix) if is_temporary(k)]
+        self.delete(stale)
+        return stale

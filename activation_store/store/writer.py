@@ -1,29 +1,38 @@
 """Writing one input shard: whole chunks into the shard's own region, then a commit.
 
-Protocol (docs/format.md, "Writing"): the shard's state goes planned -> writing -> committed. A
-writer that finds the state `writing` knows an earlier attempt died, and deletes every object that
-attempt may have left in the region before writing again, so a rerun produces the same bytes as an
+Protocol (docs/format.md, "Writing"): a writer first claims the shard (store/claims.py: one writer
+per shard at a time; a claim whose holder died is taken over). The shard's state goes planned ->
+writing -> committed. A writer that finds the state `writing` knows an earlier attempt died, and
+deletes every object that attempt may have left in the region (and the temporaries of its atomic
+writes in the shard's group) before writing again, so a rerun produces the same bytes as an
 uninterrupted run. Only the commit (one atomic rewrite of the shard group's zarr.json, after every
 chunk, the statistics and the image table are written) makes the rows visible to readers."""
 
 from __future__ import annotations
 
-import json
 import os
+import weakref
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 import numpy as np
-import zarr
+from crc32c import crc32c
 
-from activation_store.errors import CapacityError, ConfigError, NonFiniteActivationError, ShardStateError
+from activation_store.errors import (
+    CapacityError,
+    ConfigError,
+    NonFiniteActivationError,
+    ShardStateError,
+    StoreFormatError,
+)
 from activation_store.store import layout
 from activation_store.store.chunk_io import ChunkCodec
+from activation_store.store.claims import DEFAULT_CLAIM_TIMEOUT_S, ShardClaim
 from activation_store.store.encoding import bitround, fill_value, nonfinite_rows, physical_dtype, to_float32, to_storage
 from activation_store.store.images import OK, ImageRecord, to_parquet_bytes
+from activation_store.store.nodes import array_document, array_shape, read_document, shard_document
 from activation_store.store.stats import Moments
-
 
 class _LossyError:
     """Accumulates the measured error of the writer's rounding against the values it was given."""
@@ -51,29 +60,31 @@ class ShardWriter:
     `add(activations, images)` takes `{location: array (B, n_tokens, d_model)}` (any float dtype,
     or uint16 bf16 bit patterns for a bf16 store) for B stored images plus their metadata;
     `add_dropped(images)` records images that were not stored (with their reason in `status`).
+
+    The writer holds the shard's claim from its start to its commit, or to `close()` (which a `with`
+    block calls after an error, and which runs when an unclosed writer is dropped): a second writer of
+    the same shard meanwhile gets ShardClaimedError. `claim_timeout_s`: how long a claim of this
+    writer stays valid without a refresh (it refreshes while writing), as judged from other hosts.
     """
 
-    def __init__(self, store, shard, compute_stats: bool = True, check_finite: bool = True, threads: int | None = None) -> None:
+    def __init__(self, store, shard, compute_stats: bool = True, check_finite: bool = True, threads: int | None = None,
+                 claim_timeout_s: float = DEFAULT_CLAIM_TIMEOUT_S) -> None:
+        self._closed = True  # until the writer has started
+        self._pool = None
         if shard.committed:
-            raise ShardStateError(
-                f"input shard {shard.source!r} ({shard.name}) of {store.url} is already committed; "
-                f"readers may be using it, so it is never rewritten. Plan the images under a new shard name"
-            )
+            raise self._already_committed(store, shard)
         self.store = store
         self.shard = shard
         self.compute_stats = compute_stats
         self.check_finite = check_finite
-        group = zarr.open_group(store.storage.zarr_store(), mode="r")
-        self._codec = {}
-        for loc in store.locations:
-            for key in (layout.array_key(loc), layout.cls_array_key(loc)):
-                self._codec[key] = ChunkCodec([c.to_dict() for c in group[key].metadata.codecs])
-        end = shard.row_start + shard.region_rows
-        if group[layout.array_key(store.locations[0])].shape[0] < end:
-            raise ShardStateError(f"{store.url}: arrays do not cover the region of {shard.name}; re-run the planning step")
-        if shard.state == layout.WRITING:
-            self._clean_region()
-        self._set_state(layout.WRITING)
+        self._claim = ShardClaim(store.storage, shard, claim_timeout_s)
+        self._claim.acquire()  # ShardClaimedError while another writer holds the shard
+        self._release = weakref.finalize(self, self._claim.release)  # also when dropped unclosed
+        try:
+            self._start()
+        except BaseException:
+            self._release()
+            raise
 
         ci, ri, t, d = store.chunk_images, store.region_images, store.n_tokens, store.d_model
         pdt = physical_dtype(store.dtype)
@@ -92,21 +103,46 @@ class ShardWriter:
         # encoding and writing release the GIL: one thread per location keeps the cores busy
         n_threads = threads or min(len(store.locations), len(os.sched_getaffinity(0)) * 2)
         self._pool = ThreadPoolExecutor(n_threads) if n_threads > 1 else None
+        self._failed: str | None = None  # the type of the error that stopped the writer
         self._closed = False
+
+    @staticmethod
+    def _already_committed(store, shard) -> ShardStateError:
+        return ShardStateError(
+            f"input shard {shard.source!r} ({shard.name}) of {store.url} is already committed; "
+            f"readers may be using it, so it is never rewritten. Plan the images under a new shard name"
+        )
+
+    def _start(self) -> None:
+        """With the claim held: the shard's record as it is now, the clean-up of an earlier attempt,
+        then the state `writing`."""
+        store, shard = self.store, self.shard
+        now = store.read_shard(shard.index)  # another writer may have committed it since `store` listed it
+        if now.committed:
+            raise self._already_committed(store, now)
+        shard.state, shard.commit = now.state, now.commit
+        store.storage.clean_temporaries(layout.shard_group_key(shard.index))  # of an atomic write killed midway
+        self._codec = {}
+        end = shard.row_start + shard.region_rows
+        for key in store.array_keys():
+            codec = store.chunk_codec(key)
+            if codec is None:
+                raise StoreFormatError(f"{store.url}: array {key} has a codec chain this writer does not write")
+            self._codec[key] = codec
+            meta = layout.node_key(key)
+            if array_shape(read_document(store.storage, meta, "array", f"array {key}"), meta, store.url)[0] < end:
+                raise ShardStateError(f"{store.url}: arrays do not cover the region of {shard.name}; re-run the planning step")
+        if shard.state == layout.WRITING:
+            self._clean_region()
+        self._set_state(layout.WRITING)
 
     # ------------------------------------------------------------------ state
     def _set_state(self, state: str, commit: dict | None = None) -> None:
         self.shard.state = state
         if commit is not None:
             self.shard.commit = commit
-        doc = {
-            "zarr_format": 3,
-            "node_type": "group",
-            "attributes": {layout.SHARD_ATTR: self.shard.to_attrs()},
-        }
-        self.store.storage.write_bytes(
-            f"{layout.shard_group_key(self.shard.index)}/zarr.json", json.dumps(doc, indent=2).encode()
-        )
+        self.store.storage.write_bytes(layout.node_key(layout.shard_group_key(self.shard.index)),
+                                       shard_document(self.shard.to_attrs()))
 
     def _clean_region(self) -> None:
         s, st = self.shard, self.store
@@ -164,6 +200,27 @@ class ShardWriter:
                     f"store as fp32, or drop these images with add_dropped()"
                 )
             stored[loc] = raw
+        if moments is not None and self.compute_stats:
+            raise ConfigError("pass moments to add() only to a writer made with compute_stats=False")
+        try:
+            self._store_batch(stored, b)
+        except BaseException as exc:  # a refused write (full disk, ...): this writer cannot go on
+            self._abort(exc)
+            raise
+        if moments is None and not self.compute_stats:
+            self._batches_without_stats += 1
+        if moments is not None:
+            for loc in st.locations:
+                for g in layout.MOMENT_GROUPS:
+                    self._moments[loc][g].merge(moments[loc][g])
+        for rec in images:
+            self._records.append(rec)
+            self._rows.append(self._next_row)
+            self._next_row += 1
+
+    def _store_batch(self, stored: dict[str, np.ndarray], b: int) -> None:
+        """Whole chunks of the batch straight to storage, the rest into the staging buffers."""
+        st = self.store
         ci, ri = st.chunk_images, st.region_images
         direct: list[tuple[str, int, np.ndarray, int]] = []  # whole chunks straight from this batch
         pos = 0
@@ -191,18 +248,7 @@ class ShardWriter:
                     self._flush_cls()
             pos += take
         self._write_main(direct)
-        if moments is None and not self.compute_stats:
-            self._batches_without_stats += 1
-        if moments is not None:
-            if self.compute_stats:
-                raise ConfigError("pass moments to add() only to a writer made with compute_stats=False")
-            for loc in st.locations:
-                for g in layout.MOMENT_GROUPS:
-                    self._moments[loc][g].merge(moments[loc][g])
-        for rec in images:
-            self._records.append(rec)
-            self._rows.append(self._next_row)
-            self._next_row += 1
+        self._claim.refresh()  # at most every tenth of its timeout
 
     def add_dropped(self, images: Sequence[ImageRecord]) -> None:
         self._check_open()
@@ -273,6 +319,16 @@ class ShardWriter:
     def commit(self) -> dict:
         """Write what is buffered, the statistics and the image table, then make the shard visible."""
         self._check_open()
+        try:
+            commit = self._commit()
+        except BaseException as exc:  # nothing is committed: the shard stays `writing`, redone by a rerun
+            self._abort(exc)
+            raise
+        self._close()
+        self.store.refresh()
+        return commit
+
+    def _commit(self) -> dict:
         st = self.store
         if self._fill:
             self._flush_chunk()
@@ -284,17 +340,9 @@ class ShardWriter:
             counts[loc] = {g: self._moments[loc][g].count for g in layout.MOMENT_GROUPS}
             for gi, g in enumerate(layout.MOMENT_GROUPS):
                 block[li, gi] = self._moments[loc][g].to_array()
-        moments = zarr.create_array(
-            st.storage.zarr_store(),
-            name=layout.shard_moments_key(self.shard.index),
-            shape=block.shape,
-            chunks=(1, *block.shape[1:]),
-            dtype="float64",
-            compressors=st.codec.compressors()[-1:],  # crc32c only
-            overwrite=True,
-        )
-        moments[...] = block
-        st.storage.write_bytes(layout.shard_images_key(self.shard.index), to_parquet_bytes(self._records, self._rows))
+        moments_chunks = self._write_moments(block)
+        images = to_parquet_bytes(self._records, self._rows)
+        st.storage.write_bytes(layout.shard_images_key(self.shard.index), images)
         by_status: dict[str, int] = {}
         for rec in self._records:
             by_status[rec.status] = by_status.get(rec.status, 0) + 1
@@ -306,23 +354,54 @@ class ShardWriter:
             "cls_chunks": self._cls_chunks_written,
             "moment_counts": counts,
             "stats_complete": self._batches_without_stats == 0,
+            "images_crc32c": crc32c(images),  # format 1.1: the checksum of images.parquet's bytes
+            "moments_chunks": moments_chunks,  # format 1.1: chunk objects of the moments array
             "committed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         if self._lossy is not None:
             commit["lossy_error"] = {loc: e.to_dict() for loc, e in self._lossy.items()}
+        self._claim.check()  # ShardClaimedError if another writer took the shard over meanwhile
         self._set_state(layout.COMMITTED, commit)
-        self._close()
-        st.refresh()
         return commit
+
+    def _write_moments(self, block: np.ndarray) -> int:
+        """The statistics as a float64 Zarr array, one chunk per location, every chunk written (zarr
+        would skip chunks equal to its fill value); returns the number of chunks."""
+        path = layout.shard_moments_key(self.shard.index)
+        chain = [self.store.codec.serializer(), *self.store.codec.compressors()[-1:]]  # bytes, crc32c
+        doc = array_document(shape=block.shape, chunks=(1, *block.shape[1:]), dtype="float64", serializer=chain[0],
+                             compressors=chain[1:])
+        codec = ChunkCodec([c.to_dict() for c in chain])
+        for li in range(block.shape[0]):
+            chunk = np.ascontiguousarray(block[li:li + 1], dtype="<f8")
+            self.store.storage.write_chunk(layout.chunk_key(path, li, block.ndim), codec.encode(chunk))
+        self.store.storage.write_bytes(layout.node_key(path), doc)
+        return block.shape[0]
+
+    def close(self) -> None:
+        """Stop without committing: the shard stays `writing` (invisible; the next writer redoes it)
+        and its claim is released. A no-op after commit."""
+        if not self._closed:
+            self._abort(None)
+
+    def _abort(self, exc: BaseException | None) -> None:
+        self._failed = type(exc).__name__ if exc is not None else None
+        self._close()
 
     def _close(self) -> None:
         self._closed = True
         if self._pool is not None:
             self._pool.shutdown()
+        self._release()
 
     def _check_open(self) -> None:
-        if self._closed:
+        if not self._closed:
+            return
+        if self.shard.committed:
             raise ShardStateError(f"the writer of {self.shard.name} is closed (committed)")
+        why = f" after an error ({self._failed})" if self._failed is not None else ""
+        raise ShardStateError(f"the writer of {self.shard.name} is closed (stopped{why}, nothing committed); start a "
+                              f"new writer to redo the shard")
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -331,5 +410,5 @@ class ShardWriter:
         if exc_type is None and not self._closed:
             self.commit()
         elif not self._closed:
-            self._close()
+            self._abort(exc)
         # on error the shard stays in state `writing`: invisible, and cleaned by the next writer
