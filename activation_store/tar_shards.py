@@ -11,6 +11,12 @@ are yielded, the sample being read when it ended is dropped (it may be incomplet
 `TarSamples.truncated` says what went wrong. A tar that lacks its end-of-archive blocks counts as
 truncated too, so a tar cut exactly between two members is caught as well.
 
+Keys are unique within a tar: the first occurrence wins. A key that comes back after other samples
+(`a.jpg b.jpg a.jpg`) and a sample's second file of one kind (`a.jpg a.jpg`) are later
+occurrences: never merged into the first one, not yielded by default, and yielded as samples with
+`duplicate` set (the text says which key and where; no files) with `duplicates=True`, so a caller
+can count them.
+
 Imports neither torch, open_clip, webdataset nor the harvest: the SAE package uses it."""
 
 from __future__ import annotations
@@ -59,10 +65,12 @@ def image_of(files: dict[str, bytes]) -> bytes | None:
 
 @dataclass
 class TarSample:
-    """One sample of a tar: its key and its files by extension."""
+    """One sample of a tar: its key and its files by extension. `duplicate`, set only for a later
+    occurrence of a key or of a file (with `TarSamples(duplicates=True)`), says which and where."""
 
     key: str
     files: dict[str, bytes]
+    duplicate: str | None = None
 
 
 class TarSamples:
@@ -74,11 +82,14 @@ class TarSamples:
     A source that cannot be opened at all (no such file) raises, as fsspec does; one that opens but
     is empty or not a tar is truncated at byte 0.
     With `keys_only`, files are not read (`files` is empty): the keys, or the count, of a large tar
-    for the cost of streaming through it."""
+    for the cost of streaming through it. With `duplicates`, the later occurrences of keys and files
+    are yielded too (`duplicate` set): a repeated key where it comes back, a sample's second file of
+    one kind right after that sample."""
 
     def __init__(self, source: str | os.PathLike | BinaryIO, storage_options: dict | None = None, *,
-                 keys_only: bool = False) -> None:
+                 keys_only: bool = False, duplicates: bool = False) -> None:
         self.source, self.storage_options, self.keys_only = source, storage_options or {}, keys_only
+        self.duplicates = duplicates
         self.truncated: str | None = None
 
     def _open(self):
@@ -99,7 +110,11 @@ class TarSamples:
                     cut.append("ReadError: the tar ends without its end-of-archive blocks")
                     raise
 
-        current: TarSample | None = None
+        current: TarSample | None = None  # the sample being read
+        extensions: set[str] = set()  # its files so far
+        again: list[TarSample] = []  # its second files of one kind (later occurrences)
+        repeat: TarSample | None = None  # a key seen before, come back after other samples: skipped
+        seen: set[str] = set()
         with self._open() as f:
             try:
                 with tarfile.open(fileobj=f, mode="r|*", tarinfo=_Header) as tar:
@@ -109,9 +124,24 @@ class TarSamples:
                         key, ext = split_key(member.name)
                         if current is not None and current.key != key:
                             yield current  # complete: the next sample's first file has begun
-                            current = None
-                        if current is None:
-                            current = TarSample(key, {})
+                            yield from again if self.duplicates else ()
+                            current, again = None, []
+                        if repeat is not None and repeat.key != key:
+                            if self.duplicates:
+                                yield repeat
+                            repeat = None
+                        if current is None and repeat is None:
+                            if key in seen:
+                                repeat = TarSample(key, {}, _later(key, member, "comes back after other samples"))
+                                continue
+                            seen.add(key)
+                            current, extensions = TarSample(key, {}), set()
+                        if repeat is not None:
+                            continue
+                        if ext in extensions:
+                            again.append(TarSample(key, {}, _later(key, member, f"has a second {ext!r} file")))
+                            continue
+                        extensions.add(ext)
                         if not self.keys_only:
                             current.files[ext] = tar.extractfile(member).read()
             except _TAR_ERRORS as exc:
@@ -121,6 +151,14 @@ class TarSamples:
             self.truncated = cut[0]
         elif current is not None:
             yield current
+            yield from again if self.duplicates else ()
+        elif repeat is not None and self.duplicates:
+            yield repeat
+
+
+def _later(key: str, member: tarfile.TarInfo, how: str) -> str:
+    return (f"key {key!r} {how} at tar member {member.name!r} (offset {member.offset}); the first occurrence is "
+            f"kept, this later one is dropped")
 
 
 def read_sample(url: str | os.PathLike | BinaryIO, key: str, storage_options: dict | None = None) -> dict[str, bytes] | None:

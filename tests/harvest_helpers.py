@@ -1,4 +1,5 @@
-"""Shared by the harvest tests: a tiny patch-14 ViT config, images, and bad-input corpora."""
+"""Shared by the harvest tests: a tiny patch-14 ViT config, a small harvest config, images,
+bad-input corpora, and a store's data objects (to compare two stores)."""
 
 from __future__ import annotations
 
@@ -71,3 +72,26 @@ def write_tar(path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+
+
+def cfg_for(out, **kw):
+    """A harvest of the tiny ViT into `out`: layers 1 and 3, batches of 3, no decode workers, 4-image
+    chunks, 8-image regions (keywords override them)."""
+    from activation_store.harvest.config import HarvestConfig
+    from activation_store.harvest.model import ModelConfig
+
+    kw = {"layers": [1, 3], "batch_size": 3, "workers": 0, **kw}
+    cfg = HarvestConfig(out=str(out), model=ModelConfig(model=TINY, pretrained="none"), progress=False,
+                        report=str(out) + ".report.json", **kw)
+    cfg.store.chunk_images, cfg.store.region_images = 4, 8
+    return cfg
+
+
+def data_objects(url):
+    """Every object holding data (chunks, statistics) by key, and the image tables."""
+    from activation_store.store import open_store
+
+    s = open_store(url)
+    files = s.storage.list_files("")
+    objects = {k: s.storage.read_bytes(k) for k in files if "/c/" in k}
+    return objects, s.images(include_dropped=True).sort_by("key")

@@ -83,6 +83,23 @@ def test_a_truncated_tar_yields_what_it_holds_then_says_so():
     assert len(list(tar)) == 4 and tar.truncated is None
 
 
+def test_a_repeated_key_or_file_is_a_later_occurrence_never_merged_into_the_first():
+    # a.jpg b.jpg a.jpg (the key comes back), c.jpg c.txt c.jpg (a second jpg in one sample), d.jpg
+    raw = tar_bytes([("a", {"jpg": b"a1"}), ("b", {"jpg": b"b1"}), ("a", {"jpg": b"a2", "txt": b"x"}),
+                     ("c", {"jpg": b"c1", "txt": b"t"}), ("c", {"jpg": b"c2"}), ("d", {"jpg": b"d1"})])
+    want = [("a", {"jpg": b"a1"}), ("b", {"jpg": b"b1"}), ("c", {"jpg": b"c1", "txt": b"t"}), ("d", {"jpg": b"d1"})]
+    assert read_all(io.BytesIO(raw)) == (want, None)  # by default the first occurrences only
+    assert [s.key for s in TarSamples(io.BytesIO(raw), keys_only=True)] == ["a", "b", "c", "d"]
+    for keys_only in (False, True):
+        got = [(s.key, s.duplicate) for s in TarSamples(io.BytesIO(raw), keys_only=keys_only, duplicates=True)]
+        assert [k for k, _ in got] == ["a", "b", "a", "c", "c", "d"]
+        (_, again), (_, second) = got[2], got[4]
+        assert again.startswith("key 'a' comes back after other samples at tar member 'a.jpg' (offset 2048)")
+        assert second.startswith("key 'c' has a second 'jpg' file at tar member 'c.jpg' (offset 6144)")
+        assert "this later one is dropped" in second and [d for _, d in got if d] == [again, second]
+    assert read_sample(io.BytesIO(raw), "a") == {"jpg": b"a1"}  # the first occurrence, as the harvest stored it
+
+
 def test_read_sample_finds_one_sample_by_key(tmp_path):
     path = tmp_path / "data-000.tar"
     write_tar(path, SAMPLES)

@@ -29,6 +29,9 @@ class DownloadConfig:
     retries: int = option(0, help="download retries")
     # keep originals: open_clip's own preprocessing runs in the harvest
     resize_mode: str = option("no", help="img2dataset resize mode (no: keep the original bytes)")
+    allow_private_urls: bool = option(False, help="also download from loopback, private, link-local and other "
+                                      "non-public addresses (hosts are resolved; by default such URLs are refused)")
+    allow_file_urls: bool = option(False, help="also download file:// URLs (local files; by default refused)")
 
     def __post_init__(self) -> None:
         for name in ("number_sample_per_shard", "processes_count", "thread_count", "timeout"):
@@ -54,8 +57,10 @@ class HarvestConfig:
     download: DownloadConfig = option(default_factory=DownloadConfig, help="img2dataset", prefix="download-")
     batch_size: int = option(64, help="images per forward pass")
     workers: int = option(4, help="decode processes (0 decodes in this process)")
-    shard_size: int = option(1000, help="images per input shard for --images")
+    shard_size: int = option(1000, help="folder entries (files) per input shard for --images")
     min_image_size: int = option(2, help="drop images smaller than this many pixels on a side")
+    follow_external_symlinks: bool = option(False, help="--images: follow symbolic links that leave the folder "
+                                            "(by default they are counted as outside_folder)")
     rank: int | None = option(None, help="this process's rank (default $RANK or $SLURM_PROCID or 0)")
     world_size: int | None = option(None, help="number of processes (default $WORLD_SIZE or $SLURM_NTASKS or 1)")
     storage_options: dict = option(default_factory=dict, help="fsspec options", cli=False)

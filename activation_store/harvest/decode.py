@@ -24,6 +24,12 @@ TOO_SMALL = "too_small"
 MISSING = "missing_image"
 TRUNCATED_TAR = "truncated_tar"
 DOWNLOAD_ERROR = "download_error"
+NONFINITE = "nonfinite_activation"  # set by the pipeline, after the forward
+UNREADABLE = "unreadable_file"  # a folder's file (or directory) that cannot be read
+NOT_A_FILE = "not_a_file"  # a folder's FIFO, socket, device, or a directory named like an image: never opened
+OUTSIDE_FOLDER = "outside_folder"  # a folder's symbolic link that leaves the folder (--follow-external-symlinks)
+DUPLICATE_KEY = "duplicate_key"  # a tar's key seen before, or a sample's second file of one kind: the later one
+REFUSED_URL = "refused_url"  # a URL list's entry that is not downloaded: not http(s), or a private address
 
 
 def _message(exc: BaseException) -> str:

@@ -6,22 +6,33 @@ device buffer in the storage dtype; statistics and finiteness are computed there
 copy stream moves the buffer into pinned host slots while the next batch runs; a writer thread
 hands the slots to the shard writer, which encodes and writes whole chunks in its own threads.
 Two device buffers and a ring of host slots keep every stage busy. On the CPU the same code runs
-with plain copies."""
+with plain copies.
+
+A failure in any stage (the writer thread, a decode worker, even one killed by the system, the
+source, the forward) stops the shard at once: the writer thread drains what is queued without
+writing it, the main thread never waits on a stage that has failed, and the first failure is
+raised, our own errors as they are, any other as one HarvestError naming the stage and the cause.
+The shard stays uncommitted, so a rerun redoes it from scratch."""
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import queue
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from typing import NoReturn
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from activation_store.errors import ActivationStoreError, HarvestError
 from activation_store.faults import kill_point
-from activation_store.harvest.decode import Decoded, decode_image
+from activation_store.harvest.decode import NONFINITE, Decoded, decode_image
 from activation_store.harvest.model import LoadedViT
 from activation_store.harvest.sources import InputShard, Sample
 from activation_store.store import ImageRecord
@@ -29,7 +40,9 @@ from activation_store.store.layout import MOMENT_GROUPS
 from activation_store.store.stats import Moments
 
 STORAGE_TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-NONFINITE = "nonfinite_activation"
+_CHUNK = 4  # samples per decode task
+_CHUNKS_IN_FLIGHT_PER_WORKER = 16  # decoded images wait here for the forward: a bound on their memory
+_POLL_S = 0.2  # how often a waiting thread looks whether another stage has failed
 
 _worker_transform = None
 _worker_min_size = 2
@@ -50,14 +63,21 @@ def _decode_task(sample: Sample) -> tuple[Sample, Decoded]:
     return sample, decoded
 
 
+def _decode_chunk(samples: list[Sample]) -> list[tuple[Sample, Decoded]]:
+    return [_decode_task(sample) for sample in samples]
+
+
 class DecodePool:
-    """Ordered parallel decoding: results come back in sample order, whatever the worker count."""
+    """Ordered parallel decoding: results come back in sample order, whatever the worker count.
+    A worker that dies (killed for memory, say) fails the iteration with BrokenProcessPool instead
+    of leaving it waiting forever."""
 
     def __init__(self, transform, workers: int, min_size: int, use_fork: bool) -> None:
         self.workers = workers
         if workers > 0:
             ctx = mp.get_context("fork" if use_fork else "spawn")
-            self.pool = ctx.Pool(workers, initializer=_init_worker, initargs=(transform, min_size))
+            self.pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                            initargs=(transform, min_size))
         else:
             _init_worker(transform, min_size, in_child=False)
             self.pool = None
@@ -65,17 +85,118 @@ class DecodePool:
     def warm_up(self) -> None:
         """Wait until every worker process is up (spawned workers import torch: seconds)."""
         if self.pool is not None:
-            self.pool.map(time.sleep, [0.05] * (2 * self.workers), chunksize=1)
+            list(self.pool.map(time.sleep, [0.05] * (2 * self.workers)))
 
     def imap(self, samples):
         if self.pool is None:
             return map(_decode_task, samples)
-        return self.pool.imap(_decode_task, samples, chunksize=4)
+        return _OrderedDecode(self.pool, samples, _CHUNKS_IN_FLIGHT_PER_WORKER * self.workers)
 
     def close(self) -> None:
         if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+            processes = list((getattr(self.pool, "_processes", None) or {}).values())
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            for p in processes:  # as Pool.terminate did: a worker stuck on one image must not hold us
+                p.terminate()
+            for p in processes:
+                p.join()
+
+
+class _OrderedDecode:
+    """The decoded samples, in order, from a process pool: a feeder thread reads the samples and
+    submits them in chunks, at most `window` chunks ahead of the consumer. A failure to read a
+    sample is raised in its place; so is a failed chunk (BrokenProcessPool for a dead worker)."""
+
+    def __init__(self, pool: ProcessPoolExecutor, samples, window: int) -> None:
+        self._pending: queue.Queue = queue.Queue(maxsize=window)  # futures, a read error, or None at the end
+        self._stop = threading.Event()
+        self._ready = iter(())
+        self._ended = False
+        threading.Thread(target=self._feed, args=(pool, iter(samples)), daemon=True).start()
+
+    def _feed(self, pool: ProcessPoolExecutor, samples) -> None:
+        try:
+            while not self._stop.is_set():
+                chunk = list(itertools.islice(samples, _CHUNK))
+                if not chunk:
+                    break
+                self._offer(pool.submit(_decode_chunk, chunk))
+        except BaseException as exc:  # raised by the consumer, in order
+            self._offer(exc)
+        self._offer(None)
+
+    def _offer(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._pending.put(item, timeout=_POLL_S)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[Sample, Decoded]:
+        while True:
+            item = next(self._ready, None)
+            if item is not None:
+                return item
+            if self._ended:
+                raise StopIteration
+            future = self._pending.get()
+            if future is None:
+                self._ended = True
+                raise StopIteration
+            if isinstance(future, BaseException):
+                self._ended = True
+                raise future
+            self._ready = iter(future.result())
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class _Failure:
+    """The first failure of a shard's pipeline, from whichever thread saw it, and in which stage."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.exc: BaseException | None = None
+        self.stage = ""
+        self.now = "decode"  # the main thread's stage: what an exception it catches is blamed on
+
+    def set(self, stage: str, exc: BaseException) -> None:
+        with self._lock:
+            if self.exc is None:
+                self.exc, self.stage = exc, stage
+
+    def __bool__(self) -> bool:
+        return self.exc is not None
+
+
+_STAGES = {
+    "write": ("writing it to the store", "check the store's storage (free space, permissions, credentials, the "
+              "object store's health)"),
+    "decode": ("reading or decoding its images", "check the input (the files, the tar, the network)"),
+    "forward": ("the model's forward pass", "check the device (out of memory? try a smaller --batch-size)"),
+}
+
+
+def _raise_failure(shard: InputShard, stage: str, exc: BaseException) -> NoReturn:
+    """Raise what a failed shard raises: our own errors (and KeyboardInterrupt) as they are, any
+    other error as one HarvestError line naming the shard, the stage, the cause and what to do."""
+    if isinstance(exc, ActivationStoreError) or not isinstance(exc, Exception):
+        raise exc
+    what, todo = _STAGES[stage]
+    cause = " ".join(f"{type(exc).__name__}: {exc}".split())
+    if isinstance(exc, BrokenProcessPool):
+        cause = "a decode worker process died (killed by the system, out of memory?)"
+        todo = "try fewer --workers or a smaller --batch-size"
+    if len(cause) > 500:
+        cause = cause[:500] + "..."
+    raise HarvestError(
+        f"harvest stopped on input shard {shard.name}: {what} failed: {cause}. The shard is left uncommitted; "
+        f"{todo}, then rerun the same command: committed shards are skipped and this one is redone") from exc
 
 
 @dataclass
@@ -115,9 +236,7 @@ class ShardRunner:
                   torch.empty((n_loc, 2), dtype=torch.int64, pin_memory=pin))
             for _ in range(n_slots)
         ]
-        self.free_slots: queue.Queue[int] = queue.Queue()
-        for i in range(n_slots):
-            self.free_slots.put(i)
+        self.free_slots: queue.Queue[int] = queue.Queue()  # filled by run(), for each shard
         self.bytes_written = 0
         self.counts: dict[str, int] = {}
         # where the time goes (main thread: waiting for decoded images, for a free host slot;
@@ -127,61 +246,39 @@ class ShardRunner:
 
     # ------------------------------------------------------------------ one shard
     def run(self, shard: InputShard) -> dict:
-        writer = self.store.writer(shard.name, compute_stats=False, check_finite=False)
-        work: queue.Queue = queue.Queue(maxsize=len(self.slots))
-        errors: list[BaseException] = []
-        thread = threading.Thread(target=self._write_loop, args=(writer, work, errors), daemon=True)
-        thread.start()
-        counts: dict[str, int] = {}
-        k = 0  # which pixel / device buffer
-        fill = 0
-        records: list[ImageRecord] = []
+        """Harvest one input shard and commit it; on a failure anywhere, stop, leave it uncommitted
+        (its claim released) and raise (see the module's doc)."""
         try:
-            decoded = iter(self.pool.imap(shard.samples()))
-            while True:
-                t = time.perf_counter()
-                item = next(decoded, None)
-                self.stage_seconds["wait_decode"] += time.perf_counter() - t
-                if item is None:
-                    break
-                sample, dec = item
-                if errors:
-                    raise errors[0]
-                rec = ImageRecord(key=sample.key, url=sample.url, caption=sample.caption, width=dec.width,
-                                  height=dec.height, source_shard=shard.name, source_row=sample.source_row,
-                                  status=dec.status, error=dec.error)
-                counts[dec.status] = counts.get(dec.status, 0) + 1
-                if dec.converted_from:
-                    key = f"converted_from_{dec.converted_from}"
-                    counts[key] = counts.get(key, 0) + 1
-                if dec.pixels is None:
-                    work.put(("dropped", [rec]))
-                    if self.progress is not None:
-                        self.progress.update(1)
-                    continue
-                if fill == 0 and self.pix_free[k] is not None:
-                    t = time.perf_counter()
-                    self.pix_free[k].synchronize()  # its previous batch has left for the device
-                    self.stage_seconds["wait_device"] += time.perf_counter() - t
-                self.pixels[k][fill].numpy()[...] = dec.pixels
-                records.append(rec)
-                fill += 1
-                if fill == self.batch_size:
-                    t = time.perf_counter()
-                    self._run_batch(k, fill, records, work)
-                    self.stage_seconds["run_batch"] += time.perf_counter() - t
-                    k, fill, records = 1 - k, 0, []
-            if fill:
-                self._run_batch(k, fill, records, work)
-            work.put(None)
-            thread.join()
-            if errors:
-                raise errors[0]
-        except BaseException:
-            work.put(None)
-            thread.join(timeout=60)
-            raise
-        commit = writer.commit()
+            writer = self.store.writer(shard.name, compute_stats=False, check_finite=False)
+        except Exception as exc:
+            _raise_failure(shard, "write", exc)
+        with writer:
+            work: queue.Queue = queue.Queue(maxsize=len(self.slots))
+            self.free_slots = queue.Queue()  # every slot is free again, whatever a failed shard left
+            for i in range(len(self.slots)):
+                self.free_slots.put(i)
+            failure = _Failure()
+            thread = threading.Thread(target=self._write_loop, args=(writer, work, self.free_slots, failure),
+                                      daemon=True)
+            thread.start()
+            counts: dict[str, int] = {}
+            decoded = None
+            try:
+                decoded = self.pool.imap(shard.samples())
+                self._feed(shard, decoded, work, failure, counts)
+                self._hand_over(work, None, failure)
+                if not failure:
+                    thread.join()  # the writer finishes what is queued (or drains it, should it fail)
+                if not failure:
+                    failure.now = "write"
+                    commit = writer.commit()
+            except BaseException as exc:
+                failure.set(failure.now, exc)
+            if failure:
+                if hasattr(decoded, "close"):
+                    decoded.close()
+                self._stop_writer(work, thread)
+                _raise_failure(shard, failure.stage, failure.exc)  # leaving the `with`: the writer stops, uncommitted
         for key, v in counts.items():
             self.counts[key] = self.counts.get(key, 0) + v
         nonfinite = commit["by_status"].get(NONFINITE, 0)
@@ -192,8 +289,74 @@ class ShardRunner:
             self.counts[NONFINITE] = self.counts.get(NONFINITE, 0) + nonfinite
         return {"shard": shard.name, "stored": commit["n_rows"], "by_status": commit["by_status"], "decode": counts}
 
+    def _feed(self, shard: InputShard, decoded, work: queue.Queue, failure: _Failure, counts: dict) -> None:
+        """The main thread's part: decoded samples into batches, batches through the model, results
+        and dropped images to the writer thread; stops as soon as any stage has failed."""
+        k = 0  # which pixel / device buffer
+        fill = 0
+        records: list[ImageRecord] = []
+        while True:
+            failure.now = "decode"
+            t = time.perf_counter()
+            item = next(decoded, None)
+            self.stage_seconds["wait_decode"] += time.perf_counter() - t
+            if failure or item is None:
+                break
+            sample, dec = item
+            rec = ImageRecord(key=sample.key, url=sample.url, caption=sample.caption, width=dec.width,
+                              height=dec.height, source_shard=shard.name, source_row=sample.source_row,
+                              status=dec.status, error=dec.error)
+            counts[dec.status] = counts.get(dec.status, 0) + 1
+            if dec.converted_from:
+                key = f"converted_from_{dec.converted_from}"
+                counts[key] = counts.get(key, 0) + 1
+            if dec.pixels is None:
+                self._hand_over(work, ("dropped", [rec]), failure)
+                if self.progress is not None:
+                    self.progress.update(1)
+                continue
+            if fill == 0 and self.pix_free[k] is not None:
+                t = time.perf_counter()
+                self.pix_free[k].synchronize()  # its previous batch has left for the device
+                self.stage_seconds["wait_device"] += time.perf_counter() - t
+            self.pixels[k][fill].numpy()[...] = dec.pixels
+            records.append(rec)
+            fill += 1
+            if fill == self.batch_size:
+                failure.now = "forward"
+                t = time.perf_counter()
+                self._run_batch(k, fill, records, work, failure)
+                self.stage_seconds["run_batch"] += time.perf_counter() - t
+                k, fill, records = 1 - k, 0, []
+        if fill and not failure:
+            failure.now = "forward"
+            self._run_batch(k, fill, records, work, failure)
+
+    @staticmethod
+    def _hand_over(work: queue.Queue, item, failure: _Failure) -> None:
+        """Queue an item for the writer thread; gives up (the item is not needed) once a stage failed."""
+        while not failure:
+            try:
+                work.put(item, timeout=_POLL_S)
+                return
+            except queue.Full:
+                continue
+
+    @staticmethod
+    def _stop_writer(work: queue.Queue, thread: threading.Thread, patience_s: float = 60.0) -> None:
+        """After a failure: tell the writer thread to end (it drains the queue without writing) and
+        give it a while to finish the write it is in; it is a daemon, so it never holds the process."""
+        deadline = time.monotonic() + patience_s
+        while thread.is_alive() and time.monotonic() < deadline:
+            try:
+                work.put(None, timeout=_POLL_S)
+                break
+            except queue.Full:
+                continue
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+
     # ------------------------------------------------------------------ one batch
-    def _run_batch(self, k: int, b: int, records: list[ImageRecord], work: queue.Queue) -> None:
+    def _run_batch(self, k: int, b: int, records: list[ImageRecord], work: queue.Queue, failure: _Failure) -> None:
         model = self.model
         dev = self.dev[k]
         if self.cuda and self.dev_free[k] is not None:
@@ -211,7 +374,14 @@ class ShardRunner:
         acts = dev[:, :b]
         stats, counts, bad = _device_moments(acts)
         t = time.perf_counter()
-        slot_i = self.free_slots.get()
+        slot_i = None
+        while slot_i is None:  # a slot comes back from the writer thread, unless it has failed
+            if failure:
+                return
+            try:
+                slot_i = self.free_slots.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
         self.stage_seconds["wait_writer"] += time.perf_counter() - t
         slot = self.slots[slot_i]
         if self.cuda:
@@ -234,36 +404,41 @@ class ShardRunner:
             slot.bad[:b].copy_(bad)
             slot.stats.copy_(stats)
             slot.counts.copy_(counts)
-        work.put(("batch", slot_i, b, records))
+        self._hand_over(work, ("batch", slot_i, b, records), failure)
 
     # ------------------------------------------------------------------ writer thread
-    def _write_loop(self, writer, work: queue.Queue, errors: list) -> None:
-        try:
-            while True:
-                item = work.get()
-                if item is None:
-                    return
-                if errors:
-                    continue
+    def _write_loop(self, writer, work: queue.Queue, free_slots: queue.Queue, failure: _Failure) -> None:
+        """Hands queued batches to the shard writer until None; after a failure anywhere it keeps
+        taking items (so the main thread never blocks on a full queue or a missing slot) and
+        frees their slots without writing them."""
+        while True:
+            item = work.get()
+            if item is None:
+                return
+            if failure:
+                if item[0] == "batch":
+                    free_slots.put(item[1])
+                continue
+            try:
                 if item[0] == "dropped":
                     writer.add_dropped(item[1])
                     continue
                 _, slot_i, b, records = item
                 slot = self.slots[slot_i]
                 t = time.perf_counter()
-                if slot.done is not None:
-                    slot.done.synchronize()
-                t1 = time.perf_counter()
                 try:
+                    if slot.done is not None:
+                        slot.done.synchronize()
+                    t1 = time.perf_counter()
                     self._write_batch(writer, slot, b, records)
                 finally:
-                    self.free_slots.put(slot_i)
+                    free_slots.put(slot_i)
                 self.stage_seconds["writer_wait_device"] += t1 - t
                 self.stage_seconds["writer_write"] += time.perf_counter() - t1
                 if self.progress is not None:
                     self.progress.update(b)
-        except BaseException as exc:  # surfaced by the main loop
-            errors.append(exc)
+            except BaseException as exc:  # raised by the main thread
+                failure.set("write", exc)
 
     def _write_batch(self, writer, slot: _Slot, b: int, records: list[ImageRecord]) -> None:
         acts = slot.acts[:, :b]

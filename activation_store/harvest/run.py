@@ -24,7 +24,7 @@ def resolve_sources(cfg: HarvestConfig, rank: int, world: int) -> tuple[list[Inp
     """All input shards in a fixed order (every rank sees the same list), and the downloader of a
     URL source, if any."""
     if cfg.images:
-        return folder_shards(cfg.images, cfg.shard_size), None
+        return folder_shards(cfg.images, cfg.shard_size, cfg.follow_external_symlinks), None
     if cfg.shards:
         return webdataset_shards(cfg.shards, cfg.storage_options or None), None
     from activation_store.harvest.urls import UrlDownloader
@@ -65,13 +65,15 @@ def open_or_create_store(cfg: HarvestConfig, model: LoadedViT, shards: list[Inpu
                 model=model.describe(), harvest_config=cfg.to_dict(), storage_options=cfg.storage_options or None,
             )
         _check_compatible(store, cfg, model)
+        _keep_planned_aliases(store, shards)
         store.plan_shards([(s.name, s.capacity) for s in shards])
         return store
     deadline = time.monotonic() + cfg.wait_for_plan_s
-    names = {s.name for s in shards}
     while True:
         try:
             store = open_store(cfg.out, cfg.storage_options or None)
+            _keep_planned_aliases(store, shards)
+            names = {s.name for s in shards}
             if names <= {s.source for s in store.shards(refresh=True)}:
                 _check_compatible(store, cfg, model)
                 return store
@@ -83,6 +85,15 @@ def open_or_create_store(cfg: HarvestConfig, model: LoadedViT, shards: list[Inpu
                 f"start rank 0 too, with the same inputs"
             )
         time.sleep(0.5)
+
+
+def _keep_planned_aliases(store: ActivationStore, shards: list[InputShard]) -> None:
+    """A shard the store planned under an alias (a tar's path as typed, before names were
+    normalised) keeps that name, so resuming such a store does not harvest it again."""
+    planned = {s.source for s in store.shards(refresh=True)}
+    for shard in shards:
+        if shard.name not in planned:
+            shard.name = next((a for a in shard.aliases if a in planned), shard.name)
 
 
 def default_report_path(cfg: HarvestConfig, rank: int) -> str:
