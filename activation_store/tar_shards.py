@@ -25,7 +25,7 @@ import contextlib
 import os
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import fsspec
@@ -58,9 +58,15 @@ def split_key(name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), ext.lower()
 
 
+def image_extension(files: dict) -> str | None:
+    """Which file of a sample is its image: the first of IMAGE_EXTENSIONS it has; None when none."""
+    return next((e for e in IMAGE_EXTENSIONS if e in files), None)
+
+
 def image_of(files: dict[str, bytes]) -> bytes | None:
-    """The image file of a sample, by the first of IMAGE_EXTENSIONS it has; None when it has none."""
-    return next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
+    """The image file of a sample; None when it has none."""
+    ext = image_extension(files)
+    return None if ext is None else files[ext]
 
 
 @dataclass
@@ -71,6 +77,15 @@ class TarSample:
     key: str
     files: dict[str, bytes]
     duplicate: str | None = None
+    # where each file's bytes lie in the tar: (offset, size), for ranged reads of the image later;
+    # absent for a compressed tar, whose offsets are in the decompressed stream
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def image_span(sample: TarSample) -> tuple[int, int]:
+    """(offset, size) of a sample's image in its tar; (-1, -1) when unknown (a compressed tar)."""
+    ext = image_extension(sample.files or sample.spans)
+    return sample.spans.get(ext, (-1, -1)) if ext else (-1, -1)
 
 
 class TarSamples:
@@ -142,6 +157,8 @@ class TarSamples:
                             again.append(TarSample(key, {}, _later(key, member, f"has a second {ext!r} file")))
                             continue
                         extensions.add(ext)
+                        if getattr(tar.fileobj, "comptype", "tar") == "tar":  # an uncompressed tar
+                            current.spans[ext] = (member.offset_data, member.size)
                         if not self.keys_only:
                             current.files[ext] = tar.extractfile(member).read()
             except _TAR_ERRORS as exc:

@@ -1,6 +1,7 @@
 """Train a small SAE on a harvested store, evaluate it on held-out images: metrics, figures, grids, HTML."""
 
 import json
+import os
 import re
 
 import pytest
@@ -152,3 +153,38 @@ def test_training_curves_survive_an_empty_or_cut_log(tmp_path):
     assert curves_png(log, tmp_path / "a.png") is None and not (tmp_path / "a.png").exists()
     log.write_text('{"tokens": 10, "mse": 1.0, "l0": 4}\n{"tokens": 20, "mse": 0.5, "l0": 4}\n{"tokens": 3')
     assert curves_png(log, tmp_path / "b.png") == "b.png" and (tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_report_tiles_come_from_where_the_bytes_live(tmp_path, monkeypatch):
+    """A folder harvested by a relative path, evaluated from another directory, and a tar shard read
+    by byte range: every tile is found (none grey), and a moved source is counted, not hidden."""
+    import tarfile
+
+    from activation_store.sae.report import ImageFetcher
+    from activation_store.store import open_store
+    from harvest_helpers import write_tar
+
+    make_images(tmp_path / "imgs", 6)
+    monkeypatch.chdir(tmp_path)
+    for name, source in (("folder", {"images": "imgs"}), ("tar", {"shards": "data.tar"})):
+        if name == "tar":
+            write_tar(tmp_path / "data.tar", [(p.stem, {"jpg": p.read_bytes()}) for p in sorted((tmp_path / "imgs").iterdir())])
+        cfg = HarvestConfig(out=str(tmp_path / name), layers=[3], model=ModelConfig(model=TINY, pretrained="none"),
+                            batch_size=3, workers=0, progress=False, report=str(tmp_path / f"{name}.json"), **source)
+        harvest(cfg)
+    monkeypatch.chdir("/")
+    for name in ("folder", "tar"):
+        store = open_store(str(tmp_path / name))
+        table = store.images().to_pylist()
+        assert all(r["data_url"] and os.path.isabs(r["data_url"]) for r in table), table[0]
+        fetch = ImageFetcher(store)
+        tiles = [fetch.get(r["row"]) for r in table]
+        assert fetch.missing == {} and all(t.size != (224, 224) for t in tiles), (name, fetch.missing)
+    tar_rows = open_store(str(tmp_path / "tar")).images().to_pylist()
+    with tarfile.open(tmp_path / "data.tar") as tar:
+        member = tar.getmember(tar_rows[0]["key"] + ".jpg")
+        assert (tar_rows[0]["data_offset"], tar_rows[0]["data_size"]) == (member.offset_data, member.size)
+    os.rename(tmp_path / "imgs", tmp_path / "moved")
+    fetch = ImageFetcher(open_store(str(tmp_path / "folder")))
+    fetch.get(0)
+    assert fetch.missing == {"source file gone": 1}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from activation_store.configs import as_dict, option
+from activation_store.configs import option, redacted
 from activation_store.errors import ConfigError
 from activation_store.harvest.model import ModelConfig
 from activation_store.store.config import StoreConfig
@@ -85,6 +85,4 @@ class HarvestConfig:
     def to_dict(self) -> dict:
         """For the store's `harvest_config` attribute: storage options may hold credentials, so only
         their names are kept."""
-        d = as_dict(self)
-        d["storage_options"] = sorted(self.storage_options)
-        return d
+        return redacted(self)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from activation_store.configs import check_choice, comma_list, option
+from activation_store.devices import torch_device
 from activation_store.errors import ConfigError, ModelError, PretrainedUnavailableError
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -171,7 +172,7 @@ class LoadedViT:
         self.transform = transform
         self.fingerprint = self._fingerprint(visual)
 
-        self.device = torch.device(cfg.device)
+        self.device = torch_device(cfg.device)
         self.dtype = COMPUTE_DTYPES[cfg.compute_dtype]
         self.visual = visual.to(self.device, self.dtype).eval().requires_grad_(False)
         self._sink = None

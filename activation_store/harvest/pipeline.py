@@ -305,7 +305,8 @@ class ShardRunner:
             sample, dec = item
             rec = ImageRecord(key=sample.key, url=sample.url, caption=sample.caption, width=dec.width,
                               height=dec.height, source_shard=shard.name, source_row=sample.source_row,
-                              status=dec.status, error=dec.error)
+                              status=dec.status, error=dec.error, data_url=sample.data_url,
+                              data_offset=sample.data_offset, data_size=sample.data_size)
             counts[dec.status] = counts.get(dec.status, 0) + 1
             if dec.converted_from:
                 key = f"converted_from_{dec.converted_from}"

@@ -21,7 +21,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from activation_store.errors import ConfigError
 from activation_store.harvest.decode import DUPLICATE_KEY, NOT_A_FILE, OUTSIDE_FOLDER, TRUNCATED_TAR, UNREADABLE
-from activation_store.tar_shards import IMAGE_EXTENSIONS, TarSamples, expand_braces, image_of
+from activation_store.tar_shards import IMAGE_EXTENSIONS, TarSamples, expand_braces, image_of, image_span
 
 
 @dataclass
@@ -35,6 +35,10 @@ class Sample:
     caption: str | None = None
     status: str | None = None  # set when the sample is known bad before decoding
     error: str | None = None
+    # where the image's bytes live, for showing it again (the image table's data_url/offset/size)
+    data_url: str | None = None
+    data_offset: int = -1
+    data_size: int = -1
 
 
 @dataclass
@@ -180,7 +184,7 @@ def _folder_reader(base: Path, entries: list[_Entry], offset: int, readable: dic
                 except OSError:
                     text = None
                 caption = None if text is None else text.decode("utf-8", errors="replace").strip()
-            yield Sample(rel, data, offset + j, url=str(path), caption=caption)
+            yield Sample(rel, data, offset + j, url=str(path), caption=caption, data_url=os.path.abspath(path))
 
     return read
 
@@ -254,7 +258,9 @@ def _tar_reader(url: str, name: str, storage_options: dict | None):
             caption = meta.get("caption")
             if caption is None and "txt" in sample.files:
                 caption = sample.files["txt"].decode("utf-8", errors="replace")
-            yield Sample(sample.key, image_of(sample.files), row, url=meta.get("url"), caption=caption)
+            start, size = image_span(sample)
+            yield Sample(sample.key, image_of(sample.files), row, url=meta.get("url"), caption=caption,
+                         data_url=name, data_offset=start, data_size=size)
         if tar.truncated is not None:
             # the sample being read may be incomplete: it is lost with the rest of the tar
             yield Sample(f"{name}:truncated", None, row + 1, status=TRUNCATED_TAR,

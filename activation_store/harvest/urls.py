@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 from activation_store.errors import ConfigError, SourceError
 from activation_store.harvest.decode import DOWNLOAD_ERROR, REFUSED_URL, TRUNCATED_TAR
 from activation_store.harvest.sources import InputShard, Sample
-from activation_store.tar_shards import TarSamples, image_of
+from activation_store.tar_shards import TarSamples, image_of, image_span
 
 
 def read_url_list(path: str, url_col: str, caption_col: str | None) -> pa.Table:
@@ -216,23 +216,27 @@ def _shard_samples(stem: Path) -> Iterator[Sample]:
     """Every URL of one img2dataset shard in input order: downloaded ones with their bytes, failed
     ones as download_error samples, downloaded ones a damaged tar lost as truncated_tar samples."""
     meta = pq.read_table(f"{stem}.parquet").to_pylist()
-    files: dict[str, dict[str, bytes]] = {}
+    samples: dict = {}
     lost = None
-    tar_path = f"{stem}.tar"
+    tar_path = os.path.abspath(f"{stem}.tar")
     if os.path.exists(tar_path):
         tar = TarSamples(tar_path)
-        files = {sample.key: sample.files for sample in tar}
+        samples = {sample.key: sample for sample in tar}
         lost = tar.truncated
     for row, m in enumerate(sorted(meta, key=lambda m: m["key"])):
         key = m["key"]
         if m.get("status") != "success":
             yield Sample(key, None, row, url=m.get("url"), caption=m.get("caption"), status=DOWNLOAD_ERROR,
                          error=m.get("error_message") or m.get("status"))
-        elif key not in files and lost is not None:
+        elif key not in samples and lost is not None:
             yield Sample(key, None, row, url=m.get("url"), caption=m.get("caption"), status=TRUNCATED_TAR,
                          error=f"{tar_path}: {lost}")
+        elif key in samples:
+            start, size = image_span(samples[key])
+            yield Sample(key, image_of(samples[key].files), row, url=m.get("url"), caption=m.get("caption"),
+                         data_url=tar_path, data_offset=start, data_size=size)
         else:
-            yield Sample(key, image_of(files.get(key, {})), row, url=m.get("url"), caption=m.get("caption"))
+            yield Sample(key, None, row, url=m.get("url"), caption=m.get("caption"))
 
 
 # ---------------------------------------------------------------------------- which URLs are fetched
