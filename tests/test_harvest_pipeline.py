@@ -106,6 +106,13 @@ def test_urls_through_img2dataset_into_the_store(tmp_path, web_server, monkeypat
     assert "only http(s) URLs are downloaded" in row["error"]
     for tar in (tmp_path / "s.downloads").rglob("*.tar"):  # nothing of /etc/passwd was fetched
         assert b"root:" not in tar.read_bytes()
+    # every stored image is found again in its downloaded shard, by byte range (the report's grids)
+    from activation_store.sae.report import ImageFetcher
+
+    fetch = ImageFetcher(store)
+    stored = store.images().to_pylist()
+    assert all(r["data_url"].endswith(".tar") and r["data_offset"] >= 0 for r in stored)
+    assert all(fetch.get(r["row"]).size != (224, 224) for r in stored) and fetch.missing == {}
 
 
 def _cli(out, folder, *extra):
