@@ -171,21 +171,17 @@ def read_config_file(path: str, section: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = p.read_text()
+    if p.suffix not in (".toml", ".yaml", ".yml"):
+        raise ConfigError(f"config file {path}: use .toml, .yaml or .yml")
     try:
+        text = p.read_text()
         if p.suffix == ".toml":
             data = tomllib.loads(text)
-        elif p.suffix in (".yaml", ".yml"):
+        else:
             import yaml
 
             data = yaml.safe_load(text) or {}
-        else:
-            raise ConfigError(f"config file {path}: use .toml, .yaml or .yml")
-    except (tomllib.TOMLDecodeError, ValueError) as exc:
-        if isinstance(exc, ConfigError):
-            raise
-        raise ConfigError(f"config file {path} does not parse: {exc}") from exc
-    except Exception as exc:  # yaml's own error types
+    except Exception as exc:  # not UTF-8, TOML's and yaml's own error types
         raise ConfigError(f"config file {path} does not parse: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a table of settings")
