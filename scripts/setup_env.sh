@@ -10,7 +10,10 @@ stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   .venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v "is ignored: it is neither" || true
-  .venv/bin/python -c "import activation_store, zarr, open_clip, torch" # fails loudly if the install did
+  # clipscope 0.1.8 pins transformers<5 and huggingface-hub<0.26, which sae-lens's own pins exclude;
+  # its code runs with today's (our parity tests check that it does)
+  .venv/bin/python -m pip install -q --no-deps "clipscope==0.1.8" 2>&1 | grep -v "is ignored: it is neither" || true
+  .venv/bin/python -c "import activation_store, zarr, open_clip, torch, sae_lens, clipscope, xarray, tensorstore" # fails loudly if the install did
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

@@ -25,3 +25,75 @@ def store_factory(tmp_path):
 
 
 __all__ = ["make_store", "write_shard"]
+
+
+
+def _child_pids() -> set[int]:
+    me = str(os.getpid())
+    out = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[1] == me and fields[0] != "Z":
+                out.add(int(name))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _nothing_left_running(request):
+    """Whatever a test starts, it stops: a non-daemon thread or a child process left behind holds the
+    interpreter's exit, so the whole run prints its results and then never ends (a CI timeout, not a
+    failure). Such a leak fails the test that made it, naming what was left."""
+    import threading
+    import time
+
+    threads_before = set(threading.enumerate())
+    children_before = _child_pids()
+    yield
+    deadline = time.monotonic() + 10.0
+    left = [t for t in threading.enumerate() if t not in threads_before and not t.daemon]
+    for thread in left:
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    threads = [t.name for t in left if t.is_alive()]
+    children = _child_pids() - children_before
+    while children and time.monotonic() < deadline:
+        time.sleep(0.05)
+        children = _child_pids() - children_before
+    for pid in children:
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
+    if threads or children:
+        pytest.fail(f"left running after the test: threads {threads}, child processes {sorted(children)}", pytrace=False)
+
+
+_EXIT_PATIENCE_S = 120.0
+_status = {"exit": 0}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _status["exit"] = int(exitstatus)
+
+
+def pytest_unconfigure(config):
+    """If the interpreter's exit is still held two minutes after the results are printed, print every
+    thread's stack (which is what to fix) and end with the run's own status, instead of hanging until
+    CI's limit without a word. The per-test check above is what should catch such a leak first."""
+    import faulthandler
+    import threading
+
+    def force_exit():
+        sys.stderr.write(f"\nthe test process did not exit {_EXIT_PATIENCE_S:.0f} s after its results; "
+                         "what holds it:\n")
+        sys.stderr.flush()
+        faulthandler.dump_traceback(all_threads=True)
+        os._exit(_status["exit"])
+
+    timer = threading.Timer(_EXIT_PATIENCE_S, force_exit)
+    timer.daemon = True
+    timer.start()

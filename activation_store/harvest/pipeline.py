@@ -43,6 +43,7 @@ STORAGE_TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": t
 _CHUNK = 4  # samples per decode task
 _CHUNKS_IN_FLIGHT_PER_WORKER = 16  # decoded images wait here for the forward: a bound on their memory
 _POLL_S = 0.2  # how often a waiting thread looks whether another stage has failed
+_MANAGER_JOIN_S = 30.0  # the executor's own thread ends within milliseconds once its workers are gone
 
 _worker_transform = None
 _worker_min_size = 2
@@ -93,13 +94,27 @@ class DecodePool:
         return _OrderedDecode(self.pool, samples, _CHUNKS_IN_FLIGHT_PER_WORKER * self.workers)
 
     def close(self) -> None:
-        if self.pool is not None:
-            processes = list((getattr(self.pool, "_processes", None) or {}).values())
-            self.pool.shutdown(wait=False, cancel_futures=True)
-            for p in processes:  # as Pool.terminate did: a worker stuck on one image must not hold us
-                p.terminate()
-            for p in processes:
-                p.join()
+        """Stop the workers at once, even mid-shard, and leave no thread that holds the interpreter's exit.
+        Why the private attributes: on a failure, chunks are still queued for the workers we kill, and
+        the executor's queue-feeder thread stays blocked writing them into a pipe that a later forked
+        process (the next pool's workers) still holds open. Python joins that feeder, and the executor's
+        manager thread waits on it, at exit: the process then never ends (seen as a CI run that printed
+        its results and hung). Cancelling the join drops what was queued, which is what we want."""
+        if self.pool is None:
+            return
+        pool, self.pool = self.pool, None
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        call_queue = getattr(pool, "_call_queue", None)
+        if call_queue is not None:
+            call_queue.cancel_join_thread()
+        manager = getattr(pool, "_executor_manager_thread", None)
+        pool.shutdown(wait=False, cancel_futures=True)
+        for p in processes:  # as Pool.terminate did: a worker stuck on one image must not hold us
+            p.terminate()
+        for p in processes:
+            p.join()
+        if manager is not None:
+            manager.join(timeout=_MANAGER_JOIN_S)
 
 
 class _OrderedDecode:
