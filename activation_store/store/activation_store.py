@@ -30,7 +30,7 @@ from activation_store.faults import kill_point
 from activation_store.store import layout
 from activation_store.store.chunk_io import CRC_BYTES, ChunkCodec
 from activation_store.store.config import StoreConfig
-from activation_store.store.encoding import CodecSpec, fill_value, physical_dtype, to_float32
+from activation_store.store.encoding import CodecSpec, array_encoding, fill_value, physical_dtype, to_float32
 from activation_store.store.images import SCHEMA as IMAGES_SCHEMA
 from activation_store.store.images import from_parquet_bytes
 from activation_store.store.locations import parse_locations
@@ -121,6 +121,7 @@ def _creation_documents(root_attrs: dict, locs: list[str], n_tokens: int, d_mode
                         codec: CodecSpec) -> dict[str, bytes]:
     """{key: zarr.json} of every object a store's creation writes, in order: the root last."""
     docs = {layout.node_key(layout.CLS_GROUP): group_document(), layout.node_key(layout.SHARDS_GROUP): group_document()}
+    encoding = array_encoding(config.dtype)  # bf16 only: how readers without this package decode the uint16s
     for loc in locs:
         for key, shape, chunks, tokens in (
             (layout.array_key(loc), (0, n_tokens, d_model), (config.chunk_images, n_tokens, d_model), "all"),
@@ -133,7 +134,8 @@ def _creation_documents(root_attrs: dict, locs: list[str], n_tokens: int, d_mode
                 fill_value=fill_value(config.dtype),
                 serializer=codec.serializer(),
                 compressors=codec.compressors(),
-                attributes={layout.ARRAY_ATTR: {"location": loc, "tokens": tokens, "logical_dtype": config.dtype}},
+                attributes={layout.ARRAY_ATTR: {"location": loc, "tokens": tokens, "logical_dtype": config.dtype,
+                                                **({"encoding": encoding} if encoding else {})}},
                 dimension_names=("image", "token", "channel") if tokens == "all" else ("image", "channel"),
             )
     docs[layout.node_key("")] = group_document({layout.ROOT_ATTR: root_attrs})
@@ -619,6 +621,33 @@ class ActivationStore:
         `stop`, from the small CLS array: reads none of the patch tokens. float32 unless raw=True."""
         loc = self.check_location(location)
         return self._read(layout.cls_array_key(loc), self.region_images, start, stop, (self.d_model,), lambda x: x, raw)
+
+    def to_xarray(self, location, tokens: str = "all", rows=None, image_keys: bool = False):
+        """A location's activations as a lazily indexed float32 `xarray.DataArray` (needs xarray).
+
+        tokens='all': the main array, dims (image, token, channel); tokens='cls': the CLS array, dims
+        (image, channel), with the scalar coordinate token=0. The `image` axis holds the committed rows
+        `read_rows(location, *rows)` returns (every committed row when rows is None; else rows =
+        (start, stop) or slice(start, stop) of array rows, as read_rows takes them), in store order, and
+        its values equal read_rows' (read_cls' for 'cls') exactly, for every storage dtype and codec.
+        Coordinates: `row` (the array row of each image, the `row` column of `images()`), `token`, and
+        `key` (each image's key from the image tables) when image_keys=True, which reads every committed
+        shard's images.parquet. Attributes: location, tokens, stored_dtype, physical_dtype, codec, model, ...
+
+        Opening reads metadata only; indexing (`.isel`, `.values`, `.load()`) reads just the chunks that
+        hold the selected images, through `fetch_chunk_into` (checksums checked). No dask. The view is of
+        the rows committed when it was made (committed shards never change); make a new one after
+        `refresh()` to see shards committed since. See docs/format.md, "Reading with xarray"."""
+        from activation_store.store.xarray_view import open_dataarray
+
+        return open_dataarray(self, location, tokens=tokens, rows=rows, image_keys=image_keys)
+
+    def to_xarray_dataset(self, locations=None, tokens: str = "all", rows=None, image_keys: bool = False):
+        """Every location (or those given) as one lazily indexed `xarray.Dataset` of `to_xarray`
+        DataArrays sharing their coordinates."""
+        from activation_store.store.xarray_view import open_dataset
+
+        return open_dataset(self, locations, tokens=tokens, rows=rows, image_keys=image_keys)
 
     # ---------------------------------------------------------------- metadata and statistics
     def images(self, include_dropped: bool = False) -> pa.Table:

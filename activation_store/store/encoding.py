@@ -25,6 +25,20 @@ LOSSY_PRESETS = ("bitround-shuffle-zstd",)
 PRESETS = LOSSLESS_PRESETS + LOSSY_PRESETS
 
 
+# The `encoding` entry of a bf16 array's attributes (format 1.1, optional): how a reader without this
+# package (plain zarr, xarray.open_zarr, tensorstore) turns the stored uint16 values into floats.
+BF16_ENCODING = (
+    "bfloat16 bit patterns in uint16: float32 = uint32(value) << 16, the 32 bits read as IEEE-754 float32 "
+    "(numpy: (a.astype(np.uint32) << 16).view(np.float32))"
+)
+
+
+def array_encoding(dtype: str) -> str | None:
+    """What an array's `encoding` attribute says for a storage dtype; None when zarr's own dtype is the
+    value's (fp16, fp32: the stored numbers are the values)."""
+    return BF16_ENCODING if canonical_dtype(dtype) == "bf16" else None
+
+
 def canonical_dtype(name: str) -> str:
     name = _ALIASES.get(str(name).lower(), str(name).lower())
     if name not in _DTYPES:

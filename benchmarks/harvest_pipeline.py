@@ -1,0 +1,247 @@
+"""The harvest's host path against the raw write ceiling of the same bytes, measured in the same run.
+
+A stand-in model emits correctly shaped activations (ViT-L-14 by default: 257 tokens x 1024, one
+array per layer) at almost no cost, so what is timed is ours: decoding (or not), batching, the
+statistics, the copies, the writer and the store. The ceiling is the same number of bytes written
+with plain `os.pwrite`, chunk-sized, by the same number of threads as the store's writer, into the
+same file system, in the same run.
+
+    python benchmarks/harvest_pipeline.py --quick --json results/harvest_pipeline.json
+    python benchmarks/harvest_pipeline.py --images 1024 --layers 8 --out-dir /dev/shm   # tmpfs
+
+Columns: images/s, GB/s written, the main thread's microseconds per image (its CPU time: what a
+GPU harvest's launching thread has to spare), and the ratio to the write ceiling. Two pipeline
+rows: pre-decoded pixels (decoding excluded) and JPEG decoding included (the decode pool with
+`--workers`). A last row gives decode images/s per core for LAION-like 512 x 384 JPEGs: the number
+of decode cores a GPU needs is its images/s divided by that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parent))
+
+from activation_store.harvest import pipeline, run  # noqa: E402
+from activation_store.harvest.config import HarvestConfig  # noqa: E402
+from activation_store.harvest.decode import Decoded, decode_image  # noqa: E402
+from activation_store.harvest.model import LoadedViT, ModelConfig  # noqa: E402
+
+TINY = str(HERE.parent / "tests" / "data" / "tiny-vit-14.json")
+
+
+def make_jpegs(folder: Path, n: int, size=(512, 384), seed: int = 0) -> list[Path]:
+    """Photo-like JPEGs (smooth gradients, blobs, mild noise) of LAION's typical size."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w] / float(h)
+    base = []
+    for i in range(min(n, 16)):  # 16 distinct pictures, each saved under many names: decoding cost is the same
+        img = np.zeros((h, w, 3), np.float32)
+        for c in range(3):
+            a, b, p = rng.uniform(-1, 1, 3)
+            img[..., c] = 0.5 + 0.25 * np.sin(6 * (a * xx + b * yy) + p)
+        for _ in range(5):
+            cy, cx, r = rng.uniform(0, 1), rng.uniform(0, w / h), rng.uniform(0.05, 0.2)
+            img[((yy - cy) ** 2 + (xx - cx) ** 2) < r * r] = rng.uniform(0, 1, 3)
+        img += rng.normal(0, 0.03, img.shape)
+        path = folder / f"base{i:02d}.jpg"
+        Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(path, quality=90)
+        base.append(path.read_bytes())
+    paths = []
+    for i in range(n):
+        p = folder / f"{i:06d}.jpg"
+        p.write_bytes(base[i % len(base)])
+        paths.append(p)
+    for i in range(len(base)):
+        (folder / f"base{i:02d}.jpg").unlink()
+    return paths
+
+
+class StandInViT(LoadedViT):
+    """LoadedViT's interface with the shape of a big model and almost no compute: every hooked block
+    hands the sink the same preallocated (B, tokens, width) tensor of plausible values."""
+
+    def __init__(self, cfg: ModelConfig, layers: list[int], tokens: int, width: int) -> None:
+        super().__init__(ModelConfig(model=TINY, pretrained="none", seed=0), [1])
+        self.n_tokens, self.width = tokens, width
+        self._layers = sorted(layers)
+        self._fake = None
+        self.fingerprint = f"stand-in-{tokens}x{width}-{self._layers}"
+
+    def forward(self, x: torch.Tensor, sink) -> None:
+        b = x.shape[0]
+        if self._fake is None or self._fake.shape[0] < b:
+            g = torch.Generator().manual_seed(0)
+            self._fake = torch.randn((b, self.n_tokens, self.width), generator=g) * 2.0
+        if sink is not None:
+            for layer in self._layers:
+                sink(layer, self._fake[:b])
+
+
+class _ThreadClock:
+    """The main thread's CPU time over the run (time.thread_time in that thread)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.thread_time()
+
+    def seconds(self) -> float:
+        return time.thread_time() - self.t0
+
+
+def run_pipeline(folder: Path, out: Path, layers: list[int], tokens: int, width: int, batch: int, workers: int,
+                 predecoded: bool, chunk_images: int) -> dict:
+    """One harvest of `folder` into `out` with the stand-in model; images/s, bytes, main-thread CPU."""
+    if out.exists():
+        shutil.rmtree(out)
+    orig_vit, orig_decode = run.LoadedViT, pipeline.decode_image
+    run.LoadedViT = lambda cfg, ls: StandInViT(cfg, ls, tokens, width)
+    cached: dict = {}
+    if predecoded:
+        def fast_decode(data, transform, min_size=2):  # decoded once, then handed out again: no decode cost
+            key = len(data) if data is not None else None
+            if key not in cached:
+                cached[key] = decode_image(data, transform, min_size)
+            d = cached[key]
+            return Decoded(d.pixels, d.status, d.error, d.width, d.height, d.converted_from)
+        pipeline.decode_image = fast_decode
+    try:
+        cfg = HarvestConfig(out=str(out), images=str(folder), layers=layers, model=ModelConfig(model=TINY, pretrained="none"),
+                            batch_size=batch, workers=0 if predecoded else workers, progress=False,
+                            report=str(out) + ".report.json")
+        cfg.store.chunk_images = chunk_images
+        cfg.store.region_images = max(cfg.store.region_images // chunk_images, 1) * chunk_images
+        clock = _ThreadClock()
+        t0 = time.perf_counter()
+        report = run.harvest(cfg)
+        wall = time.perf_counter() - t0
+        main_cpu = clock.seconds()
+    finally:
+        run.LoadedViT, pipeline.decode_image = orig_vit, orig_decode
+    n = int(report["images"]["stored"])
+    nbytes = n * tokens * width * 2 * len(layers)
+    return {"images": n, "seconds": wall, "bytes": nbytes, "main_cpu_s": main_cpu, "report": report}
+
+
+def write_ceiling(out_dir: Path, total_bytes: int, chunk_bytes: int, threads: int) -> float:
+    """Seconds to write `total_bytes` as chunk files with os.pwrite from `threads` threads, fsync'd as
+    the store's commit does (one fsync per file), into `out_dir`'s file system."""
+    target = out_dir / "ceiling"
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    payload = np.random.default_rng(1).integers(0, 255, chunk_bytes, dtype=np.uint8).tobytes()
+    n_chunks = max(1, -(-total_bytes // chunk_bytes))
+    lock = threading.Lock()
+    next_i = [0]
+
+    def worker() -> None:
+        while True:
+            with lock:
+                i = next_i[0]
+                next_i[0] += 1
+            if i >= n_chunks:
+                return
+            fd = os.open(target / f"c{i}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.pwrite(fd, payload, 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(threads):
+            pool.submit(worker)
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(target)
+    return seconds * total_bytes / (n_chunks * chunk_bytes)
+
+
+def decode_rate(paths: list[Path], transform, seconds: float = 2.0) -> float:
+    """Images/s of one core decoding and preprocessing the JPEGs as the harvest's workers do."""
+    datas = [p.read_bytes() for p in paths[:16]]
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        decode_image(datas[n % len(datas)], transform)
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8, help="stored layers (CLIP-Scope: 8)")
+    ap.add_argument("--tokens", type=int, default=257)
+    ap.add_argument("--width", type=int, default=1024)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--chunk-images", type=int, default=16)
+    ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="decode processes")
+    ap.add_argument("--out-dir", default=None, help="file system to write to (default: a temporary folder on /tmp)")
+    ap.add_argument("--quick", action="store_true", help="128 images, 4 layers: well within two minutes")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.images, args.layers = min(args.images, 128), min(args.layers, 4)
+    layers = list(range(2, 2 + 3 * args.layers, 3))[:args.layers]
+    base = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="bench-harvest-"))
+    base.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-harvest-jpegs-"))
+    try:
+        paths = make_jpegs(work / "jpegs", args.images)
+        threads = min(len(layers), len(os.sched_getaffinity(0)) * 2)  # the store writer's default
+        chunk_bytes = args.chunk_images * args.tokens * args.width * 2
+        rows = []
+        for name, predecoded in (("pipeline, pre-decoded pixels", True), ("pipeline, JPEG decoding included", False)):
+            r = run_pipeline(work / "jpegs", base / "store", layers, args.tokens, args.width, args.batch_size,
+                             args.workers, predecoded, args.chunk_images)
+            ceiling_s = write_ceiling(base, r["bytes"], chunk_bytes, threads)
+            rows.append({"case": name, "images_per_s": r["images"] / r["seconds"],
+                         "gb_per_s": r["bytes"] / r["seconds"] / 1e9,
+                         "main_us_per_image": 1e6 * r["main_cpu_s"] / max(1, r["images"]),
+                         "ceiling_gb_per_s": r["bytes"] / ceiling_s / 1e9,
+                         "write_ceiling_ratio": ceiling_s / r["seconds"]})
+        vit = LoadedViT(ModelConfig(model=TINY, pretrained="none"), [1])
+        per_core = decode_rate(paths, vit.transform)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if not args.out_dir:
+            shutil.rmtree(base, ignore_errors=True)
+        else:
+            shutil.rmtree(base / "store", ignore_errors=True)
+    print(f"{args.images} images, {len(layers)} layers x {args.tokens} x {args.width} fp16, batch {args.batch_size}, "
+          f"{threads} writer threads, {os.cpu_count()} cores, writing to {base}")
+    print(f"{'case':36s} {'img/s':>8s} {'GB/s':>6s} {'main us/img':>11s} {'ceiling GB/s':>12s} {'ratio':>6s}")
+    for r in rows:
+        print(f"{r['case']:36s} {r['images_per_s']:8.1f} {r['gb_per_s']:6.2f} {r['main_us_per_image']:11.0f} "
+              f"{r['ceiling_gb_per_s']:12.2f} {r['write_ceiling_ratio']:6.2f}")
+    print(f"{'decode only, 512x384 JPEG, per core':36s} {per_core:8.1f}")
+    result = {"machine": platform.platform(), "cores": os.cpu_count(), "images": args.images, "layers": layers,
+              "tokens": args.tokens, "width": args.width, "batch_size": args.batch_size, "writer_threads": threads,
+              "out_dir": str(base), "rows": rows, "decode_images_per_s_per_core": per_core,
+              "write_ceiling_ratio": rows[0]["write_ceiling_ratio"],
+              "write_ceiling_ratio_with_decode": rows[1]["write_ceiling_ratio"]}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
