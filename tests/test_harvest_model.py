@@ -1,15 +1,18 @@
 """The ViT side of the harvest: exact activations, early stopping, clear errors, clipscope compatibility."""
 
+import inspect
+
 import numpy as np
 import open_clip
 import pytest
 import torch
 from PIL import Image
 
-from activation_store.errors import ModelError, PretrainedUnavailableError, StoreMismatchError
-from activation_store.harvest.compat import ConfiguredViT
+from activation_store.errors import ConfigError, ModelError, PretrainedUnavailableError, StoreMismatchError
+from activation_store.harvest.compat import ConfiguredViT, resolve_model_name
 from activation_store.harvest.config import HarvestConfig
-from activation_store.harvest.model import LoadedViT, ModelConfig
+from activation_store.harvest.model import LoadedViT, ModelConfig, preprocess_pil
+from activation_store.harvest.preprocess import resolve_preset
 from activation_store.harvest.run import harvest
 from activation_store.store import open_store
 from harvest_helpers import TINY, TINY_NAME, make_images
@@ -107,7 +110,8 @@ def test_resuming_with_another_model_or_layers_is_refused(tmp_path):
 
 def test_configured_vit_returns_clipscope_keys_and_shapes():
     locations = [(1, "resid"), (3, "resid")]
-    transformer = ConfiguredViT(locations, device="cpu", model_name=TINY, pretrained="none")
+    transformer = ConfiguredViT(locations, TINY, "cpu", pretrained="none")
+    assert transformer.vit.preset == "clipscope"  # clipscope preprocesses with HF's CLIPImageProcessor
     image = Image.new("RGB", (224, 224), (0, 0, 0))
     acts = transformer.all_activations(image)
     assert set(acts) == set(locations)
@@ -115,3 +119,49 @@ def test_configured_vit_returns_clipscope_keys_and_shapes():
     cls = transformer.cls_activations([image, image])
     assert cls[(3, "resid")].shape == (2, 64)
     torch.testing.assert_close(cls[(3, "resid")][0], acts[(3, "resid")][0, 0])
+    # a non-square image goes through the clipscope preset (floored crop), as the harvest's would
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 305, 3), dtype=np.uint8))
+    pixels = transformer.vit.normalize(torch.from_numpy(preprocess_pil(transformer.vit.transform, photo)[None]))
+    torch.testing.assert_close(transformer.all_activations(photo)[(3, "resid")],
+                               transformer.vit.activations(pixels)[3], rtol=0, atol=0)
+
+
+def test_configured_vit_signature_is_clipscope_s():
+    from clipscope.hookedvit import ConfiguredViT as TheirConfiguredViT
+    from clipscope.hookedvit import HookedViT
+
+    # clipscope: ConfiguredViT(hook_locations, *args, **kwargs) -> HookedViT(model_name=..., device='cuda')
+    theirs = [inspect.signature(TheirConfiguredViT.__init__).parameters["hook_locations"],
+              *list(inspect.signature(HookedViT.__init__).parameters.values())[1:]]
+    ours = list(inspect.signature(ConfiguredViT.__init__).parameters.values())[1:]
+    shared = [(p.name, p.default) for p in theirs]
+    assert [(p.name, p.default) for p in ours[:len(shared)]] == shared
+    assert shared == [("hook_locations", inspect.Parameter.empty),
+                      ("model_name", "laion/CLIP-ViT-L-14-laion2B-s32B-b82K"), ("device", "cuda")]
+    assert all(p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD for p in ours[:len(shared)])
+    extra = ours[len(shared):]
+    assert [p.name for p in extra][:3] == ["pretrained", "dtype", "seed"]
+    assert all(p.kind == inspect.Parameter.KEYWORD_ONLY for p in extra)
+    assert hasattr(ConfiguredViT, "all_activations") and hasattr(ConfiguredViT, "cls_activations")
+
+
+def test_configured_vit_model_names_and_device():
+    assert resolve_model_name("laion/CLIP-ViT-L-14-laion2B-s32B-b82K", None) == {
+        "model": "ViT-L-14", "pretrained": "laion2b_s32b_b82k"}
+    assert resolve_model_name("hf-hub:laion/CLIP-ViT-L-14-laion2B-s32B-b82K", None)["pretrained"] == "laion2b_s32b_b82k"
+    assert resolve_model_name("laion/CLIP-ViT-L-14-laion2B-s32B-b82K", "none") == {
+        "model": "ViT-L-14", "pretrained": "none"}
+    assert resolve_model_name("laion/CLIP-ViT-B-32-laion2B-s34B-b79K", None) == {
+        "model": "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K", "pretrained": ""}
+    assert resolve_model_name("ViT-L-14", None) == {"model": "ViT-L-14", "pretrained": "laion2b_s32b_b82k"}
+    assert resolve_model_name(TINY, "none") == {"model": TINY, "pretrained": "none"}
+    with pytest.raises(ConfigError, match="pretrained=TAG"):
+        resolve_model_name(TINY, None)
+    # the clipscope id resolves to CLIP-Scope's recipe, whose preset is clipscope
+    cfg = ModelConfig(**resolve_model_name("laion/CLIP-ViT-L-14-laion2B-s32B-b82K", None))
+    assert resolve_preset(cfg.preprocess, cfg.model, cfg.pretrained) == "clipscope"
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available; pass device='cpu'"):
+            ConfiguredViT([(1, "resid")], TINY, pretrained="none")  # clipscope's default device is cuda
+    with pytest.raises(ConfigError, match="only 'resid'"):
+        ConfiguredViT([(1, "mlp")], TINY, "cpu", pretrained="none")

@@ -27,7 +27,7 @@ class DownloadConfig:
     thread_count: int = option(16, help="img2dataset threads per process", flag="--download-threads")
     timeout: int = option(10, help="seconds per download")
     retries: int = option(0, help="download retries")
-    # keep originals: open_clip's own preprocessing runs in the harvest
+    # keep originals: the model's preprocessing (its --preprocess preset) runs in the harvest
     resize_mode: str = option("no", help="img2dataset resize mode (no: keep the original bytes)")
     allow_private_urls: bool = option(False, help="also download from loopback, private, link-local and other "
                                       "non-public addresses (hosts are resolved; by default such URLs are refused)")

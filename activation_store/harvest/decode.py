@@ -48,6 +48,8 @@ class Decoded:
 
 
 def decode_image(data: bytes | None, transform, min_size: int = 2) -> Decoded:
+    """`transform` is the model's (`LoadedViT.transform`): an open_clip eval transform or a
+    ClipScopeTransform (harvest/preprocess.py)."""
     if data is None:
         return Decoded(None, MISSING, "no image in this sample")
     try:
@@ -70,9 +72,10 @@ def decode_image(data: bytes | None, transform, min_size: int = 2) -> Decoded:
         return Decoded(None, TOO_SMALL, f"{width}x{height} is smaller than {min_size} px", width, height)
     mode = img.mode
     try:
-        pixels = preprocess_pil(transform, img)  # open_clip's order: resize, crop, then convert to RGB
+        # the preset's order: open_clip resizes, crops, then converts to RGB; clipscope (HF) converts first
+        pixels = preprocess_pil(transform, img)
     except Exception:
-        try:  # modes Pillow cannot resize as they are (some 16-bit and palette images): convert first
+        try:  # open_clip: modes Pillow cannot resize as they are (some 16-bit and palette images): convert first
             pixels = preprocess_pil(transform, img.convert("RGB"))
         except Exception as exc:
             return Decoded(None, DECODE_ERROR, f"preprocessing failed: {type(exc).__name__}: {exc}", width, height)

@@ -1,5 +1,7 @@
-"""The ViT whose residual stream we store: open_clip by name (or a model-config JSON), its own
-preprocessing, hooks on the requested blocks, and a forward that stops after the deepest one."""
+"""The ViT whose residual stream we store: open_clip by name (or a model-config JSON), its
+preprocessing (a preset: open_clip's own transform, or HF CLIPImageProcessor's as CLIP-Scope used
+it; see harvest/preprocess.py), hooks on the requested blocks, and a forward that stops after the
+deepest one."""
 
 from __future__ import annotations
 
@@ -15,10 +17,12 @@ import torch
 from activation_store.configs import check_choice, comma_list, option
 from activation_store.devices import torch_device
 from activation_store.errors import ConfigError, ModelError, PretrainedUnavailableError
+from activation_store.harvest.preprocess import (CLIPSCOPE_MODEL, CLIPSCOPE_PRETRAINED, PRESET_CHOICES,
+                                                 ClipScopeTransform, Normalizer, resolve_preset)
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULT_MODEL = "ViT-L-14"
-DEFAULT_PRETRAINED = "laion2b_s32b_b82k"
+DEFAULT_MODEL = CLIPSCOPE_MODEL
+DEFAULT_PRETRAINED = CLIPSCOPE_PRETRAINED
 
 
 @dataclass
@@ -34,11 +38,16 @@ class ModelConfig:
     std: tuple[float, float, float] | None = option(None, parse=comma_list(float),
                                                     help="preprocessing std R,G,B (needed with a weights file)")
     preprocess_tag: str | None = option(None, help="with a weights file: use this pretrained tag's preprocessing")
+    preprocess: str = option("auto", choices=PRESET_CHOICES,
+                             help="preprocessing preset: open_clip (open_clip's eval transform), clipscope (HF "
+                             "CLIPImageProcessor's, as CLIP-Scope trained on), auto (clipscope for ViT-L-14 / "
+                             "laion2b_s32b_b82k, open_clip otherwise; a resumed store keeps its own)")
     compute_dtype: str = option("fp32", flag="--dtype", choices=tuple(COMPUTE_DTYPES), help="compute dtype of the ViT")
     device: str = option("cpu", help="cpu, cuda, cuda:1 ...")
 
     def __post_init__(self) -> None:
         check_choice("compute dtype", self.compute_dtype, COMPUTE_DTYPES)
+        check_choice("preprocessing preset (--preprocess)", self.preprocess, PRESET_CHOICES)
         for name in ("mean", "std"):
             v = getattr(self, name)
             if v is not None:
@@ -162,14 +171,25 @@ class LoadedViT:
         self.batch_first = bool(getattr(visual.transformer, "batch_first", True))
 
         pre = dict(getattr(visual, "preprocess_cfg", {}) or {})
+        self.preset = resolve_preset(cfg.preprocess, cfg.model, cfg.pretrained, cfg.preprocess_tag)
+        size = pre.get("size", visual.image_size)
         self.preprocess = {
-            "image_size": list(pre.get("size", visual.image_size)),
+            "image_size": list(size) if isinstance(size, (list, tuple)) else [int(size), int(size)],
             "mean": [float(x) for x in pre["mean"]],
             "std": [float(x) for x in pre["std"]],
             "interpolation": pre.get("interpolation", "bicubic"),
             "resize_mode": pre.get("resize_mode", "shortest"),
         }
-        self.transform = transform
+        if self.preset == "clipscope":
+            h, w = self.preprocess["image_size"]
+            if h != w:
+                raise ConfigError(f"--preprocess clipscope needs a square input, {name} takes {h}x{w}; use "
+                                  f"--preprocess open_clip")
+            # HF's CLIPImageProcessor: always bicubic, shortest side, centre crop (floored offsets)
+            self.preprocess.update(interpolation="bicubic", resize_mode="shortest")
+            self.transform = ClipScopeTransform(h, h)
+        else:
+            self.transform = transform
         self.fingerprint = self._fingerprint(visual)
 
         self.device = torch_device(cfg.device)
@@ -179,13 +199,14 @@ class LoadedViT:
         self._deepest = self.layers[-1]
         for layer in self.layers:
             blocks[layer].register_forward_hook(self._make_hook(layer))
-        mean = torch.tensor(self.preprocess["mean"], device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.preprocess["std"], device=self.device).view(1, 3, 1, 1)
-        self._mean, self._std = mean, std
+        self._normalize = Normalizer(self.preset, self.preprocess["mean"], self.preprocess["std"], self.device)
 
     def _fingerprint(self, visual) -> str:
         h = hashlib.sha256()
-        h.update(json.dumps({"model": self.model_name, "preprocess": self.preprocess}, sort_keys=True).encode())
+        what = {"model": self.model_name, "preprocess": self.preprocess}
+        if self.preset != "open_clip":  # open_clip stores (made before presets existed) keep their fingerprint
+            what["preset"] = self.preset
+        h.update(json.dumps(what, sort_keys=True).encode())
         for key, t in sorted(visual.state_dict().items()):
             h.update(key.encode())
             h.update(str(tuple(t.shape)).encode())
@@ -204,6 +225,7 @@ class LoadedViT:
             "std": self.preprocess["std"],
             "interpolation": self.preprocess["interpolation"],
             "resize_mode": self.preprocess["resize_mode"],
+            "preprocess": self.preset,
             "n_layers": self.n_layers,
             "width": self.width,
             "n_tokens": self.n_tokens,
@@ -223,11 +245,10 @@ class LoadedViT:
         return hook
 
     def normalize(self, pixels_uint8: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, 3) uint8 on the device -> normalised (B, 3, H, W) in the compute dtype, with the
-        same float32 arithmetic as open_clip's ToTensor + Normalize."""
-        x = pixels_uint8.permute(0, 3, 1, 2).float().div(255)
-        x = (x - self._mean) / self._std
-        return x.to(self.dtype)
+        """(B, H, W, 3) uint8 on the device -> normalised (B, 3, H, W) in the compute dtype: float32
+        values equal to open_clip's ToTensor + Normalize (preset open_clip) or to HF's rescale +
+        normalize (preset clipscope), then cast."""
+        return self._normalize(pixels_uint8).to(self.dtype)
 
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor, sink) -> None:
@@ -252,8 +273,11 @@ class _StopForward(Exception):
 
 
 def preprocess_pil(transform, image) -> np.ndarray:
-    """Apply the PIL stages of an open_clip eval transform (resize, crop, mode conversion) and return
-    (H, W, 3) uint8; ToTensor and Normalize happen on the device (`LoadedViT.normalize`)."""
+    """Apply the PIL stages of a preset's transform and return (H, W, 3) uint8: a ClipScopeTransform
+    (RGB, resize, crop), or an open_clip eval transform (resize, crop, then RGB); ToTensor and
+    Normalize happen on the device (`LoadedViT.normalize`)."""
+    if isinstance(transform, ClipScopeTransform):
+        return transform(image)
     for t in transform.transforms:
         if type(t).__name__ in ("ToTensor", "MaybeToTensor", "Normalize"):
             break

@@ -3,6 +3,7 @@ then run this rank's shards, skipping committed ones, and write a JSON report.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -12,7 +13,7 @@ from tqdm import tqdm
 
 from activation_store._version import __version__
 from activation_store.distributed import resolve_rank
-from activation_store.errors import DistributedError, StoreMismatchError, StoreNotFoundError
+from activation_store.errors import ActivationStoreError, DistributedError, StoreMismatchError, StoreNotFoundError
 from activation_store.harvest.config import HarvestConfig
 from activation_store.harvest.model import LoadedViT
 from activation_store.harvest.pipeline import DecodePool, ShardRunner
@@ -33,11 +34,27 @@ def resolve_sources(cfg: HarvestConfig, rank: int, world: int) -> tuple[list[Inp
     return downloader.shards(), downloader
 
 
+def recorded_preset(cfg: HarvestConfig) -> str | None:
+    """With `--preprocess auto`, the preset an existing store was made with (stores made before
+    presets existed: open_clip), so that resuming it keeps it; None for a new store or a named preset."""
+    if cfg.model.preprocess != "auto":
+        return None
+    try:
+        have = open_store(cfg.out, cfg.storage_options or None).attrs.get("model") or {}
+    except ActivationStoreError:  # no store yet (or none we can read: opening it again below says why)
+        return None
+    return have.get("preprocess", "open_clip") if have else None
+
+
 def _check_compatible(store: ActivationStore, cfg: HarvestConfig, model: LoadedViT) -> None:
     have = store.attrs.get("model", {})
     problems = []
     if store.locations != cfg.locations:
         problems.append(f"locations: store has {store.locations}, this run asks for {cfg.locations}")
+    have_preset = have.get("preprocess", "open_clip") if have else None
+    if have_preset is not None and have_preset != model.preset:
+        problems.append(f"preprocessing preset: store has {have_preset}, this run asks for {model.preset} "
+                        f"(--preprocess {have_preset}, or auto, resumes it)")
     if have.get("fingerprint") != model.fingerprint:
         problems.append(
             f"model: store was made with {have.get('name')} / {have.get('pretrained')} (fingerprint "
@@ -107,7 +124,8 @@ def harvest(cfg: HarvestConfig) -> dict:
     rank, world = resolve_rank(cfg.rank, cfg.world_size, launcher_env=True)
     t_start = time.perf_counter()
     shards, downloader = resolve_sources(cfg, rank, world)
-    model = LoadedViT(cfg.model, cfg.layers)
+    preset = recorded_preset(cfg)
+    model = LoadedViT(dataclasses.replace(cfg.model, preprocess=preset) if preset else cfg.model, cfg.layers)
     store = open_or_create_store(cfg, model, shards, rank)
     mine = [s for i, s in enumerate(shards) if i % world == rank]
     todo = [s for s in mine if not store.shard(s.name).committed]
