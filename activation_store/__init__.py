@@ -22,6 +22,8 @@ _LAZY = {
     "TopKSAE": "activation_store.sae",
     "SAEConfig": "activation_store.sae",
     "load_sae": "activation_store.sae",
+    "export_saelens": "activation_store.sae",
+    "export_clipscope": "activation_store.sae",
     "train": "activation_store.sae.trainer",
     "TrainerConfig": "activation_store.sae.trainer",
     "evaluate": "activation_store.sae.evaluate",

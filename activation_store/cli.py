@@ -1,5 +1,5 @@
-"""The `actstore` command. Thin: the flags of harvest, train and eval are derived from their config
-dataclasses (configs.add_arguments), so each setting, default and help text is written once."""
+"""The `actstore` command. Thin: the flags of harvest, train, eval and export are derived from their
+config dataclasses (configs.add_arguments), so each setting, default and help text is written once."""
 
 from __future__ import annotations
 
@@ -103,6 +103,18 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from activation_store.sae.export import export
+
+    r = export(_config(args, "export"))
+    names = (f"hook {r['hook_name'] or '-'}, model {r['model_name'] or '-'}" if r["format"] == "saelens" else
+             ", ".join(f"{k} {v}" for k, v in r["meta"].items()) or "no training metadata")
+    print(f"wrote {r['sae']} as {r['format']} to {r['path']} ({names}; normaliser folded in: takes raw activations)")
+    for note in r["notes"]:
+        print(f"note: {note}")
+    return 0
+
+
 def _fmt(value, spec: str = ".3f") -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -172,9 +184,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                     "under [harvest]); flags override it", remote="stores and shards")
     _config_command(sub, wanted, "train", cmd_train, "activation_store.sae.trainer:TrainerConfig",
                     "train a TopK SAE on one location of a store (resumable)",
-                    "Train a TopK SAE (OpenAI's recipe: AuxK, unit-norm decoder, Adam with warm-up and decay) on "
-                    "shuffled tokens of one location. Checkpoints every --checkpoint-every tokens; rerunning the "
-                    "same command resumes from the newest checkpoint.",
+                    "Train a TopK SAE on shuffled tokens of one location: OpenAI's recipe by default (AuxK, unit-norm "
+                    "decoder, Adam with warm-up and decay), CLIP-Scope's with --arch clipscope (no ReLU, no encoder "
+                    "bias, their initialisation, Adam at a constant 9e-5, no AuxK). Checkpoints every "
+                    "--checkpoint-every tokens; rerunning the same command resumes from the newest checkpoint.",
                     "TOML or YAML file with TrainerConfig's fields (top level or a [train] table, with nested "
                     "[reader] and [sae] tables); flags override it")
     _config_command(sub, wanted, "eval", cmd_eval, "activation_store.sae.evaluate:EvalConfig",
@@ -182,8 +195,17 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                     "Evaluate a checkpoint written by `actstore train` on the images held out of training (split by "
                     "image), on the tokens it was trained on: CLIP-Scope's metrics (docs/metrics.md), a token-wise "
                     "MSE heatmap, training curves, top-9 image grids per latent, and OUT/report.html. Another SAE "
-                    "(a CLIP-Scope .pt file, a SAELens folder) is evaluated on every image of STORE at --location.",
+                    "(a CLIP-Scope .pt file, a SAELens folder, or a file of a Hugging Face repo: a name such as "
+                    "22_resid/1200013184.pt is looked up in CLIP-Scope's repo, or in --repo-id) is evaluated on "
+                    "every image of STORE at --location.",
                     "TOML or YAML file with EvalConfig's fields (top level or an [eval] table)")
+    _config_command(sub, wanted, "export", cmd_export, "activation_store.sae.export:ExportConfig",
+                    "write a trained SAE as a SAELens folder or a CLIP-Scope .pt file",
+                    "Write the SAE of a run (its newest checkpoint) or checkpoint in SAELens's layout (cfg.json + "
+                    "sae_weights.safetensors) or CLIP-Scope's (.pt), with the run's normaliser folded in so it takes "
+                    "raw store activations, and the hook and model names (SAELens) or tokens, steps and dead-latent "
+                    "counters (CLIP-Scope) taken from the run. An SAE the format cannot represent exactly is refused.",
+                    "TOML or YAML file with ExportConfig's fields (top level or an [export] table)")
 
     p = sub.add_parser("demo", help="the README's demo: bundled photos -> harvest -> store -> SAE -> eval report",
                        description="Harvest the bundled CC0 photos with ViT-L-14 (random weights when the "

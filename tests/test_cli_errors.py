@@ -17,7 +17,7 @@ def test_every_error_type_lives_in_errors_and_shares_one_base():
     import activation_store
 
     assert len(ERROR_TYPES) >= 20
-    for module in ("store.activation_store", "harvest.model", "harvest.run", "sae.model", "sae.io", "sae.checkpoint"):
+    for module in ("store.activation_store", "harvest.model", "harvest.run", "sae.model", "sae.io", "sae.saelens", "sae.checkpoint"):
         mod = __import__(f"activation_store.{module}", fromlist=["_"])
         own = [n for n, c in inspect.getmembers(mod, inspect.isclass)
                if issubclass(c, Exception) and c.__module__ == mod.__name__ and not n.startswith("_")]

@@ -188,3 +188,50 @@ def test_report_tiles_come_from_where_the_bytes_live(tmp_path, monkeypatch):
     fetch = ImageFetcher(open_store(str(tmp_path / "folder")))
     fetch.get(0)
     assert fetch.missing == {"source file gone": 1}
+
+
+def test_eval_takes_hub_names_as_from_pretrained_does_offline(tmp_path, monkeypatch, capsys):
+    """`actstore eval 22_resid/1200013184.pt STORE` fetches the file from CLIP-Scope's repo (or
+    --repo-id) with huggingface_hub, here replaced by a local lookup; a missing name is one line."""
+    import huggingface_hub
+    import numpy as np
+
+    from activation_store.store import ActivationStore, ImageRecord, StoreConfig
+    from test_sae_model import make_clipscope_checkpoint
+
+    acts = np.random.default_rng(0).standard_normal((8, 257, 16)).astype(np.float32)
+    store = ActivationStore.create(str(tmp_path / "s"), locations="resid_22", n_tokens=257, d_model=16,
+                                   config=StoreConfig(dtype="fp32", chunk_images=4, region_images=4))
+    store.plan_shards([("a", 8)])
+    with store.writer("a") as w:
+        w.add({"resid_22": acts}, [ImageRecord(str(i)) for i in range(8)])
+    hub = {("lewington/CLIP-ViT-L-scope", "22_resid/1200013184.pt"): tmp_path / "theirs.pt",
+           ("someone/their-saes", "layer22.pt"): tmp_path / "other.pt"}
+    make_clipscope_checkpoint(hub[("lewington/CLIP-ViT-L-scope", "22_resid/1200013184.pt")], d=16, n=64, k=4)
+    make_clipscope_checkpoint(hub[("someone/their-saes", "layer22.pt")], d=16, n=32, k=2, seed=1)
+    asked = []
+
+    def fake_download(repo_id, filename, **kwargs):
+        asked.append((repo_id, filename))
+        if (repo_id, filename) not in hub:
+            raise FileNotFoundError(f"404 Client Error.\n\nEntry Not Found for url: "
+                                    f"https://huggingface.co/{repo_id}/resolve/main/{filename}.")
+        return str(hub[(repo_id, filename)])
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.chdir(tmp_path)  # "22_resid/..." is no local path here
+    common = [str(tmp_path / "s"), "--location", "resid_22", "--top-n", "2", "--min-images", "1"]
+    assert main(["eval", "22_resid/1200013184.pt", *common, "--out", str(tmp_path / "e1")]) == 0
+    m = json.loads((tmp_path / "e1" / "metrics.json").read_text())
+    assert m["normalization"] == "standardize" and m["eval_images"] == 8 and m["l0"] <= 4
+    assert main(["eval", "layer22.pt", *common, "--repo-id", "someone/their-saes", "--out", str(tmp_path / "e2")]) == 0
+    assert json.loads((tmp_path / "e2" / "metrics.json").read_text())["l0"] <= 2
+    assert asked == [("lewington/CLIP-ViT-L-scope", "22_resid/1200013184.pt"), ("someone/their-saes", "layer22.pt")]
+    capsys.readouterr()
+    assert main(["eval", "22_resid/999.pt", *common, "--out", str(tmp_path / "e3")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "22_resid/999.pt is no local path" in err and "lewington/CLIP-ViT-L-scope" in err
+    assert "Entry Not Found" in err
+    # a missing absolute path is reported as missing, never looked up on the hub
+    assert main(["eval", str(tmp_path / "gone.pt"), *common, "--out", str(tmp_path / "e4")]) == 2
+    assert "neither an activation-store run" in capsys.readouterr().err and len(asked) == 3

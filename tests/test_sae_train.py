@@ -238,3 +238,20 @@ def test_credentials_never_reach_checkpoints_or_wandb(tmp_path, monkeypatch):
     for value in ("AKIAEXAMPLE", "s3cr3t-value", "t0ken"):
         assert value not in written
     assert seen["config"]["storage_options"] == ["client_kwargs", "key", "secret"]  # the names only
+
+
+def test_a_checkpoint_from_before_arch_resumes_as_openai(tmp_path):
+    """Checkpoints written before SAEConfig.arch existed hold no arch (nor None switches): they read
+    as `openai` and resume; the new checkpoint records the arch."""
+    planted_store(tmp_path / "s", n_samples=2048, d=16, n_features=32)
+    cfg = dict(store=str(tmp_path / "s"), out=str(tmp_path / "run"), warmup_tokens=0, checkpoint_every_tokens=1280,
+               reader={"location": "resid_0", "batch_size": 128, "buffer_tokens": 2048, "threads": 1},
+               sae={"n_latents": 32, "k": 2})
+    train(TrainerConfig(total_tokens=1280, **cfg))
+    config_file = tmp_path / "run" / "checkpoints" / "0000000001280" / "config.json"
+    saved = json.loads(config_file.read_text())
+    assert saved["sae"].pop("arch") == "openai"
+    config_file.write_text(json.dumps(saved))
+    result = train(TrainerConfig(total_tokens=2560, **cfg))
+    assert result["resumed_from"].endswith("0000000001280") and result["tokens"] == 2560
+    assert json.loads((tmp_path / "run" / "checkpoints" / "0000000002560" / "config.json").read_text())["sae"]["arch"] == "openai"

@@ -2,6 +2,6 @@
 
 from activation_store.errors import CheckpointError
 from activation_store.sae.config import SAEConfig
-from activation_store.sae.model import TopKSAE, export_saelens, load_clipscope, load_sae
+from activation_store.sae.model import TopKSAE, export_clipscope, export_saelens, load_clipscope, load_sae
 
-__all__ = ["CheckpointError", "SAEConfig", "TopKSAE", "export_saelens", "load_clipscope", "load_sae"]
+__all__ = ["CheckpointError", "SAEConfig", "TopKSAE", "export_clipscope", "export_saelens", "load_clipscope", "load_sae"]

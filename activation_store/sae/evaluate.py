@@ -19,7 +19,7 @@ from activation_store.readers import OrderedReader
 from activation_store.readers.config import NORMALIZE_MODES, parse_tokens
 from activation_store.readers.normalize import Normalizer
 from activation_store.readers.selection import TokenSelection
-from activation_store.sae import checkpoint, metrics, report
+from activation_store.sae import checkpoint, io, metrics, report
 from activation_store.sae.model import TopKSAE, read_state
 from activation_store.sae.sort_eval import write_sort_eval
 from activation_store.store import open_store
@@ -28,7 +28,11 @@ from activation_store.store import open_store
 @dataclass
 class EvalConfig:
     sae: str | None = option(None, positional=True, help="run folder (its newest checkpoint), checkpoint folder "
-                             "(RUN/checkpoints/<tokens>), CLIP-Scope .pt file or SAELens folder")
+                             "(RUN/checkpoints/<tokens>), CLIP-Scope .pt file, SAELens folder, or a file of a "
+                             "Hugging Face repo (a relative name that is no local path, e.g. 22_resid/1200013184.pt, "
+                             "is looked up in CLIP-Scope's repo; see --repo-id)")
+    repo_id: str | None = option(None, help="Hugging Face repo holding SAE (default: CLIP-Scope's, "
+                                 "lewington/CLIP-ViT-L-scope, for names that are not local paths)")
     store: str | None = option(None, positional=True, help="store (default: the one the SAE was trained on)")
     location: str | None = option(None, help="e.g. resid_22 (default: the one the SAE was trained on)")
     tokens: object = option(None, help="all, cls, patches or indices 0,5,9 (default: those the SAE was trained "
@@ -78,7 +82,7 @@ class Subject:
 
 def resolve_subject(cfg: EvalConfig) -> Subject:
     """Our runs record store, location, tokens, normaliser and holdout; other SAEs need them given."""
-    ckpt = checkpoint.resolve(cfg.sae)
+    ckpt = checkpoint.resolve(cfg.sae) if cfg.repo_id is None else None
     if ckpt is not None:
         state = checkpoint.read_sae_state(ckpt)
         store = open_store(cfg.store or state.meta["store"], cfg.storage_options)
@@ -87,8 +91,9 @@ def resolve_subject(cfg: EvalConfig) -> Subject:
         norm = state.normalizer if cfg.normalize is None else _store_normalizer(cfg.normalize, store, location, tokens)
         return Subject(TopKSAE.from_state(state, cfg.device, normalized=True), store, location, tokens, norm,
                        state.meta["holdout"], ckpt, state.meta["dead_proportion"])
+    local = local_sae_path(cfg.sae, cfg.repo_id)
     try:
-        state = read_state(cfg.sae)
+        state = read_state(local)
     except CheckpointError as exc:
         raise CheckpointError(f"{exc}; `actstore eval` also takes a run folder written by `actstore train`") from exc
     if not (cfg.store and cfg.location):
@@ -99,6 +104,19 @@ def resolve_subject(cfg: EvalConfig) -> Subject:
     clipscope = "clipscope" in state.meta
     norm = _store_normalizer(cfg.normalize or ("standardize" if clipscope else "none"), store, cfg.location, tokens)
     return Subject(TopKSAE.from_state(state, cfg.device), store, cfg.location, tokens, norm, 0.0)
+
+
+def local_sae_path(name: str, repo_id: str | None = None) -> str:
+    """What `TopKSAE.from_pretrained` would read: `name` itself when it is a local path (and no
+    repo is given), else its copy from the Hugging Face hub (`repo_id`, default CLIP-Scope's repo).
+    A missing absolute or ./-relative path is never looked up on the hub: it is reported as missing."""
+    if repo_id is None and (Path(name).exists() or Path(name).is_absolute()
+                            or str(name).startswith(("./", "../", "~"))):
+        return name
+    try:
+        return io.hub_file(name, repo_id)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{name} is no local path, and {exc}") from exc
 
 
 def _store_normalizer(mode: str, store, location: str, tokens) -> Normalizer:

@@ -1,17 +1,20 @@
-"""Other tools' SAE files, both ways: SAELens folders (read and write), CLIP-Scope `.pt` files
-(read), and names on the Hugging Face hub. Everything here turns files into an `SAEState` or an
-SAE's tensors into files; `TopKSAE` (model.py) turns an SAEState into a module.
+"""CLIP-Scope's SAE files, both ways, names on the Hugging Face hub, and folding a normaliser into
+an SAE's tensors. Everything here turns files into an `SAEState` or an SAE's tensors into files;
+`TopKSAE` (model.py) turns an SAEState into a module. SAELens folders: saelens.py.
 
 CLIP-Scope files `{L}_resid/{tokens}.pt` hold `model_state_dict` {pre_b (d), enc (d, n), dec (n, d)}
-and `k`, `n_features`, `d_in`; their SAE has no encoder bias and no ReLU after the top-k."""
+and `k`, `n_features`, `d_in` (plus their trainer's `token_count`, `dead_latents`, `n_iter`,
+`log_id`); their SAE has no encoder bias and no ReLU after the top-k:
+
+    latent = scatter(TopK_k((x - pre_b) @ enc))     (negative top-k values kept)
+    x^     = latent @ dec + pre_b"""
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from activation_store.errors import CheckpointError
 from activation_store.sae.config import SAEConfig, SAEState
@@ -19,6 +22,8 @@ from activation_store.sae.config import SAEConfig, SAEState
 # where CLIP-Scope's own `TopKSAE.from_pretrained` looks when it is given no repo
 CLIPSCOPE_REPO = "lewington/CLIP-ViT-L-scope"
 TENSORS = ("W_enc", "W_dec", "b_enc", "b_dec")
+# what CLIP-Scope's checkpoints hold besides the weights and k, n_features, d_in
+CLIPSCOPE_META = ("token_count", "dead_latents", "n_iter", "log_id")
 
 
 def fold_tensors(tensors: dict, normalizer) -> dict:
@@ -34,52 +39,6 @@ def fold_tensors(tensors: dict, normalizer) -> dict:
     folded = {"W_enc": scale[:, None] * t["W_enc"], "b_enc": t["b_enc"], "W_dec": t["W_dec"] / scale[None, :],
               "b_dec": t["b_dec"] / scale + shift}
     return {k: v.to(dtype) for k, v in folded.items()}
-
-
-# ---------------------------------------------------------------------------- SAELens
-def is_saelens(path: str | Path) -> bool:
-    p = Path(path)
-    return (p / "sae_weights.safetensors").is_file() and (p / "cfg.json").is_file()
-
-
-def write_saelens(tensors: dict, config: SAEConfig, folder: str | Path, hook_name: str = "",
-                  model_name: str = "") -> Path:
-    """SAELens's layout: `cfg.json` + `sae_weights.safetensors` (W_enc (d, n), W_dec (n, d), b_enc,
-    b_dec) of an SAE on raw activations (fold a normaliser in first)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: tensors[k].detach().contiguous().cpu() for k in TENSORS}, str(folder / "sae_weights.safetensors"))
-    c = config
-    cfg = {"architecture": "topk", "d_in": c.d_in, "d_sae": c.n_latents, "k": c.k,
-           "activation_fn_str": "topk", "activation_fn_kwargs": {"k": c.k}, "apply_b_dec_to_input": True,
-           "normalize_activations": "none", "dtype": "float32", "device": "cpu", "hook_name": hook_name,
-           "model_name": model_name, "relu_after_topk": c.relu, "source": "activation-store"}
-    (folder / "cfg.json").write_text(json.dumps(cfg, indent=2))
-    return folder
-
-
-def read_saelens(path: str | Path) -> SAEState:
-    p = Path(path)
-    try:
-        cfg = json.loads((p / "cfg.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{p}/cfg.json is not valid JSON ({exc})") from exc
-    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
-    if k is None:
-        raise CheckpointError(f"{p}/cfg.json is not a TopK SAE (no k)")
-    missing = [key for key in ("d_in", "d_sae") if key not in cfg]
-    if missing:
-        raise CheckpointError(f"{p}/cfg.json lacks {missing}")
-    try:
-        w = load_file(str(p / "sae_weights.safetensors"))
-    except Exception as exc:
-        raise CheckpointError(f"{p}/sae_weights.safetensors cannot be read ({exc})") from exc
-    missing = [name for name in TENSORS if name not in w]
-    if missing:
-        raise CheckpointError(f"{p}/sae_weights.safetensors lacks {missing}")
-    config = SAEConfig(n_latents=int(cfg["d_sae"]), k=int(k), d_in=int(cfg["d_in"]),
-                       relu=bool(cfg.get("relu_after_topk", True)), normalize_decoder=False)
-    return SAEState(config, {name: w[name] for name in TENSORS}, None, {"saelens": cfg})
 
 
 # ---------------------------------------------------------------------------- CLIP-Scope
@@ -104,10 +63,71 @@ def read_clipscope(path: str | Path) -> SAEState:
     if tuple(enc.shape) != (d, n) or tuple(dec.shape) != (n, d) or tuple(pre_b.shape) != (d,):
         raise CheckpointError(f"{path}: shapes pre_b {tuple(pre_b.shape)}, enc {tuple(enc.shape)}, "
                               f"dec {tuple(dec.shape)} do not match d_in={d}, n_features={n}")
-    config = SAEConfig(n_latents=n, k=k, d_in=d, relu=False, encoder_bias=False, normalize_decoder=False)
+    config = SAEConfig(n_latents=n, k=k, d_in=d, arch="clipscope")
     tensors = {"W_enc": enc.float(), "W_dec": dec.float(), "b_enc": torch.zeros(n), "b_dec": pre_b.float()}
-    meta = {"clipscope": {key: ckpt[key] for key in ("token_count", "n_iter", "log_id") if key in ckpt}}
+    meta = {"clipscope": {key: ckpt[key] for key in CLIPSCOPE_META if key in ckpt}}
     return SAEState(config, tensors, None, meta)
+
+
+def write_clipscope(tensors: dict, config: SAEConfig, path, meta: dict | None = None) -> Path:
+    """CLIP-Scope's checkpoint layout of an SAE on raw activations (`tensors` in our naming; fold a
+    normaliser in first), loadable with `torch.load(weights_only=True)` and by their
+    `TopKSAE(k, n_features, d_in).load_state_dict(ckpt["model_state_dict"])`: `model_state_dict`
+    {pre_b, enc, dec} in float32, `k`, `n_features`, `d_in`, and `token_count`, `dead_latents`
+    (per-latent counters), `n_iter`, `log_id` from `meta` (flat, or under "clipscope" as
+    `read_clipscope` gives them; defaults 0, zeros, 0, "activation-store"). Written atomically.
+
+    Refuses an SAE their forward does not compute: a ReLU after the top-k (theirs keeps negative
+    values, so the latents differ whenever fewer than k pre-activations are positive), or a
+    nonzero encoder bias (their layout has none, and no pre_b absorbs it: pre_b is also the
+    decoder's bias). The decoder's norm is not part of the forward and does not matter."""
+    c = config
+    if c.relu:
+        raise CheckpointError(
+            "CLIP-Scope's layout cannot hold this SAE: it applies a ReLU after the top-k (relu=True), but "
+            "CLIP-Scope's TopK keeps negative values, so their forward would differ; export it to SAELens "
+            "instead (export_saelens), or train with --no-relu for CLIP-Scope's architecture")
+    missing = [k for k in ("W_enc", "W_dec", "b_dec") if k not in tensors]
+    if missing:
+        raise CheckpointError(f"the SAE's tensors lack {missing}; give W_enc, W_dec, b_enc and b_dec")
+    enc, dec, pre_b = (tensors[k].detach().to("cpu", torch.float32).contiguous().clone()
+                       for k in ("W_enc", "W_dec", "b_dec"))
+    n = c.n_latents
+    d = enc.shape[0] if enc.ndim == 2 else -1
+    if (tuple(enc.shape) != (d, n) or tuple(dec.shape) != (n, d) or tuple(pre_b.shape) != (d,) or d < 1
+            or (c.d_in is not None and c.d_in != d)):
+        raise CheckpointError(f"the SAE's tensors W_enc {tuple(enc.shape)}, W_dec {tuple(dec.shape)}, b_dec "
+                              f"{tuple(pre_b.shape)} do not fit n_latents={n}, d_in={c.d_in}")
+    if c.encoder_bias and "b_enc" in tensors:
+        b_enc = tensors["b_enc"].detach().float()
+        if tuple(b_enc.shape) != (n,):
+            raise CheckpointError(f"the SAE's b_enc has shape {tuple(b_enc.shape)}, not ({n},)")
+        if bool((b_enc != 0).any()):
+            raise CheckpointError(
+                f"CLIP-Scope's layout has no encoder bias, but this SAE's b_enc is nonzero (max |b_enc| = "
+                f"{float(b_enc.abs().max()):.3g}), so their forward would differ; export it to SAELens instead "
+                f"(export_saelens), or train with --no-encoder-bias for CLIP-Scope's architecture")
+    m = dict(meta or {})
+    m = {**(m.get("clipscope") if isinstance(m.get("clipscope"), dict) else {}),
+         **{k: m[k] for k in CLIPSCOPE_META if k in m}}
+    dead = m.get("dead_latents")
+    dead = torch.zeros(n) if dead is None else torch.as_tensor(dead).detach().cpu().clone()
+    if tuple(dead.shape) != (n,):
+        raise CheckpointError(f"dead_latents has shape {tuple(dead.shape)}; it must hold one counter per latent ({n},)")
+    ckpt = {"model_state_dict": {"pre_b": pre_b, "enc": enc, "dec": dec}, "k": int(c.k), "n_features": int(n),
+            "d_in": int(d), "token_count": int(m.get("token_count") or 0), "dead_latents": dead,
+            "n_iter": int(m.get("n_iter") or 0), "log_id": str(m.get("log_id") or "activation-store")}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {path} ({exc})") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 # ---------------------------------------------------------------------------- the hub

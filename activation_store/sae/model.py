@@ -23,27 +23,42 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from activation_store.errors import CheckpointError
-from activation_store.sae import checkpoint, io
-from activation_store.sae.config import SAEConfig, SAEState
+from activation_store.errors import CheckpointError, ConfigError
+from activation_store.sae import checkpoint, io, saelens
+from activation_store.sae.config import ARCHS, SAEConfig, SAEState
 
 
 class TopKSAE(nn.Module):
-    def __init__(self, d_in: int, n_latents: int, k: int, seed: int | None = None, **options) -> None:
-        """`options`: SAEConfig's other fields (relu, encoder_bias, normalize_decoder)."""
+    def __init__(self, d_in: int, n_latents: int, k: int, seed: int | None = None, init: str | None = None,
+                 **options) -> None:
+        """`options`: SAEConfig's other fields (arch, relu, encoder_bias, normalize_decoder).
+
+        `init` (default: the arch's): `openai` draws W_enc with unit-norm columns, W_dec = W_enc^T,
+        zero biases; `clipscope` draws as CLIP-Scope's SAE does, in its order: b_dec (their pre_b)
+        = randn(d) * 0.01, then W_enc = randn(d, n) / sqrt(2) / sqrt(d), W_dec = W_enc^T, b_enc = 0.
+        `seed` seeds a generator of its own (the same numbers as `torch.manual_seed(seed)` and
+        their constructor on the CPU); without one, torch's global generator draws."""
         super().__init__()
         self.cfg = SAEConfig(n_latents=n_latents, k=k, d_in=d_in, **options)
+        init = init or self.cfg.arch
+        if init not in ARCHS:
+            raise ConfigError(f"init must be one of {', '.join(ARCHS)}, got {init!r}")
         encoder_bias = self.cfg.encoder_bias
         self.input_space = "raw"  # or "normalized": the SAE expects normaliser.apply(x)
         self.normalizer = None  # the normaliser of its training run, when known
         self.meta: dict = {}  # what its file said besides the weights
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        w = torch.randn(d_in, n_latents, generator=gen)
-        w = w / w.norm(dim=0, keepdim=True)  # unit columns: the decoder starts as the encoder's transpose
+        if init == "clipscope":
+            b_dec = torch.randn(d_in, generator=gen) * 0.01
+            w = torch.randn(d_in, n_latents, generator=gen) / (2**0.5) / (d_in**0.5)
+        else:
+            b_dec = torch.zeros(d_in)
+            w = torch.randn(d_in, n_latents, generator=gen)
+            w = w / w.norm(dim=0, keepdim=True)  # unit columns: the decoder starts as the encoder's transpose
         self.W_enc = nn.Parameter(w.clone())
         self.W_dec = nn.Parameter(w.T.clone().contiguous())
         self.b_enc = nn.Parameter(torch.zeros(n_latents), requires_grad=encoder_bias)
-        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.b_dec = nn.Parameter(b_dec)
 
     @property
     def k(self) -> int:
@@ -145,12 +160,13 @@ class TopKSAE(nn.Module):
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_config(cls, config: SAEConfig, seed: int | None = None) -> TopKSAE:
+    def from_config(cls, config: SAEConfig, seed: int | None = None, init: str | None = None) -> TopKSAE:
+        """A fresh SAE of `config`, initialised as its arch's (or `init`'s) recipe, seeded by `seed`."""
         if config.d_in is None:
             raise CheckpointError("the SAE's d_in is unknown; give SAEConfig(d_in=...)")
         c = config
-        return cls(c.d_in, c.n_latents, c.k, seed=seed, relu=c.relu, encoder_bias=c.encoder_bias,
-                   normalize_decoder=c.normalize_decoder)
+        return cls(c.d_in, c.n_latents, c.k, seed=seed, init=init, arch=c.arch, relu=c.relu,
+                   encoder_bias=c.encoder_bias, normalize_decoder=c.normalize_decoder)
 
     @classmethod
     def from_state(cls, state: SAEState, device="cpu", normalized: bool = False) -> TopKSAE:
@@ -192,8 +208,8 @@ def read_state(path: str | Path) -> SAEState:
         return checkpoint.read_sae_state(ckpt)
     if p.is_file() and p.suffix == ".pt":
         return io.read_clipscope(p)
-    if io.is_saelens(p):
-        return io.read_saelens(p)
+    if saelens.is_saelens(p):
+        return saelens.read_saelens(p)
     raise CheckpointError(
         f"{path} is neither an activation-store run or checkpoint folder, a SAELens folder "
         f"(sae_weights.safetensors + cfg.json) nor a CLIP-Scope .pt file"
@@ -211,11 +227,26 @@ def load_clipscope(path: str | Path, device: str = "cpu") -> TopKSAE:
     return TopKSAE.from_state(io.read_clipscope(path), device)
 
 
+def _raw(sae: TopKSAE, normalizer) -> TopKSAE:
+    """The SAE on raw activations: a normalised-space one folded with `normalizer` (or its own)."""
+    normalizer = normalizer if normalizer is not None else (sae.normalizer if sae.input_space == "normalized" else None)
+    return sae.folded(normalizer) if normalizer is not None and normalizer.mode != "none" else sae
+
+
 def export_saelens(sae: TopKSAE, folder: str | Path, normalizer=None, hook_name: str = "",
                    model_name: str = "") -> Path:
-    """SAELens's layout of an SAE on raw activations: a normalised-space SAE is folded with
-    `normalizer` (or its own) first, as SAELens itself does at save."""
-    normalizer = normalizer if normalizer is not None else (sae.normalizer if sae.input_space == "normalized" else None)
-    raw = sae.folded(normalizer) if normalizer is not None and normalizer.mode != "none" else sae
+    """SAELens 6.x's layout of an SAE on raw activations: a normalised-space SAE is folded with
+    `normalizer` (or its own) first, as SAELens itself does at save. Refuses (CheckpointError) an
+    SAE without the ReLU after its top-k, which SAELens cannot represent."""
+    raw = _raw(sae, normalizer)
     tensors = {k: v.detach() for k, v in raw.state_dict().items()}
-    return io.write_saelens(tensors, raw.cfg, folder, hook_name, model_name)
+    return saelens.write_saelens(tensors, raw.cfg, folder, hook_name, model_name)
+
+
+def export_clipscope(sae: TopKSAE, path: str | Path, normalizer=None, meta: dict | None = None) -> Path:
+    """CLIP-Scope's `.pt` layout of an SAE on raw activations (folded as `export_saelens` does);
+    `meta` (default: the SAE's own, e.g. a CLIP-Scope checkpoint's token_count) fills their
+    trainer's fields. Refuses an SAE with a ReLU or a nonzero encoder bias (`io.write_clipscope`)."""
+    raw = _raw(sae, normalizer)
+    tensors = {k: v.detach() for k, v in raw.state_dict().items()}
+    return io.write_clipscope(tensors, raw.cfg, path, sae.meta if meta is None else meta)

@@ -1,5 +1,6 @@
 """Training a TopKSAE on a store: the OpenAI recipe (Adam, warm-up then linear decay, AuxK for dead
-latents, unit-norm decoder), with checkpoints (sae/checkpoint.py) that resume exactly: rerunning
+latents, unit-norm decoder) or, with `--arch clipscope`, CLIP-Scope's (their initialisation, Adam
+at a constant 9e-5, no AuxK, no decoder normalisation), with checkpoints (sae/checkpoint.py) that resume exactly: rerunning
 the same command continues from the newest one and, on the CPU, ends with the same weights as a
 run that was never interrupted. Under torchrun, gradients are averaged by torch's
 DistributedDataParallel (bucketed all-reduce, overlapped with the backward)."""
@@ -40,6 +41,12 @@ _TRAINING_READS = {"epochs": None, "shuffle": True, "drop_last": True, "return_i
 _LEGACY_READER_KEYS = ("location", "tokens", "batch_size", "buffer_tokens", "threads", "normalize", "holdout",
                        "seed", "device")
 _LEGACY_SAE_KEYS = {"n_latents": "n_latents", "k": "k", "relu": "relu"}  # 0.1 name -> SAEConfig field
+# each architecture's recipe: the values TrainerConfig's fields left None take (lr: learning_rate())
+RECIPES = {
+    "openai": {"warmup_tokens": 10_000_000, "decay_start": 0.8, "auxk_coef": 1 / 32, "init_b_dec": True},
+    "clipscope": {"warmup_tokens": 0, "decay_start": 1.0, "auxk_coef": 0.0, "init_b_dec": False},
+}
+CLIPSCOPE_LR = 9e-5
 
 
 def _training_reader() -> ReaderConfig:
@@ -61,12 +68,20 @@ class TrainerConfig:
     store: str | None = option(None, help="store path or URL", positional=True)
     out: str | None = option(None, help="run folder: checkpoints/, metrics.jsonl")
     reader: ReaderConfig = option(default_factory=_training_reader, help="what is read")
-    sae: SAEConfig = option(default_factory=SAEConfig, help="the SAE's architecture")
+    # a table until __post_init__ builds the SAEConfig: merged into a built default, its resolved
+    # relu/encoder_bias/normalize_decoder would read as given and contradict --arch clipscope
+    sae: SAEConfig = option(default_factory=dict, help="the SAE's architecture")
     total_tokens: int = option(1_200_000_000, help="tokens to train on")
-    lr: float | None = option(None, help="learning rate (default: 2e-4 / sqrt(latents / 2^14))")
-    warmup_tokens: int = option(10_000_000, help="linear learning-rate warm-up")
-    decay_start: float = option(0.8, help="share of training after which the learning rate decays linearly to 0")
-    auxk_coef: float = option(1 / 32, help="weight of the AuxK loss (0: off)")
+    lr: float | None = option(None, help="learning rate (default: 2e-4 / sqrt(latents / 2^14); --arch "
+                              "clipscope: 9e-5)")
+    warmup_tokens: int | None = option(None, help="linear learning-rate warm-up (default: 10000000; --arch "
+                                       "clipscope: 0)")
+    decay_start: float | None = option(None, help="share of training after which the learning rate decays "
+                                       "linearly to 0 (default: 0.8; --arch clipscope: 1, no decay)")
+    auxk_coef: float | None = option(None, help="weight of the AuxK loss, 0: off (default: 1/32; --arch "
+                                     "clipscope: 0)")
+    init_b_dec: bool | None = option(None, help="start b_dec at the geometric median of the first batch "
+                                     "(default: on; --arch clipscope keeps pre_b from its initialisation)")
     k_aux: int | None = option(None, help="dead latents AuxK uses per token (default: d_in / 2)")
     dead_tokens: int = option(10_000_000, help="a latent silent this many tokens is dead (AuxK and the metric)")
     checkpoint_every_tokens: int = option(100_000_000, help="tokens between checkpoints", flag="--checkpoint-every")
@@ -101,6 +116,9 @@ class TrainerConfig:
         if refused:
             raise ConfigError(f"the trainer reads with {_TRAINING_READS}; leave reader {refused} unset")
         self.reader = dataclasses.replace(self.reader, **_TRAINING_READS)
+        for name, value in RECIPES[self.sae.arch].items():  # the arch's recipe where nothing was given
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         check_choice("autocast", self.autocast, AUTOCAST_MODES)
         for name in ("total_tokens", "checkpoint_every_tokens", "log_every_steps", "dead_tokens"):
             if getattr(self, name) < 1:
@@ -132,7 +150,9 @@ class TrainerConfig:
         return torch.autocast(device_type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.sae.n_latents / 2**14)
+        if self.lr is not None:
+            return self.lr
+        return CLIPSCOPE_LR if self.sae.arch == "clipscope" else 2e-4 / math.sqrt(self.sae.n_latents / 2**14)
 
 
 def lr_at(cfg: TrainerConfig, tokens: int) -> float:
@@ -260,10 +280,13 @@ class Trainer:
         path = checkpoint.newest(self.out)
         if path is None:
             return None
-        saved = checkpoint.read_config(path).get("sae")
+        saved = _saved_sae(path)
         if saved != self.sae.config_dict():
-            raise CheckpointError(f"{path} holds an SAE of {saved}; this run asks for {self.sae.config_dict()}. "
-                                  f"Resume with the same SAE settings, or train into a new --out")
+            differ = ", ".join(f"{k} {saved.get(k)} there, {v} here" for k, v in self.sae.config_dict().items()
+                               if saved.get(k) != v)
+            raise CheckpointError(f"{path} holds an SAE of {saved}; this run asks for {self.sae.config_dict()} "
+                                  f"({differ}). Resume with the same SAE settings (e.g. the same --arch), or train "
+                                  f"into a new --out")
         state = checkpoint.read_training_state(path, self.cfg.device)
         if state.get("world_size", 1) != self.world:
             raise DistributedError(f"{path} was written by {state.get('world_size', 1)} processes; resume it with "
@@ -300,7 +323,7 @@ class Trainer:
         autocast = cfg.autocast_context()
         while self.tokens < cfg.total_tokens:
             x = next(it)
-            if self.step == 0 and self.resumed_from is None:
+            if self.step == 0 and self.resumed_from is None and cfg.init_b_dec:
                 self.sae.init_b_dec_(x)
                 if self.world > 1:  # every rank starts from rank 0's b_dec
                     torch.distributed.broadcast(self.sae.b_dec.data, 0)
@@ -330,6 +353,15 @@ class Trainer:
         return {"checkpoint": str(final), "steps": self.step, "tokens": self.tokens, "last": last,
                 "resumed_from": str(self.resumed_from) if self.resumed_from else None,
                 "rank": self.rank, "world_size": self.world, "ranks_in_sync": True}
+
+
+def _saved_sae(path: Path) -> dict | None:
+    """A checkpoint's SAE settings as this version writes them (a 0.1 checkpoint has no arch: openai)."""
+    saved = checkpoint.read_config(path).get("sae")
+    try:
+        return dataclasses.asdict(SAEConfig(**saved))
+    except (TypeError, ConfigError):
+        return saved
 
 
 def _truncate_log(path: Path, step: int) -> None:

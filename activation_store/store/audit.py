@@ -146,7 +146,8 @@ def format_info(d: dict) -> str:
     lines = [
         f"store      {d['url']}",
         f"format     v{d['format_version']} (written by activation-store {d['software_version']}, {d['created_at']})",
-        f"model      {model.get('name', '-')} / {model.get('pretrained', '-')}" if model else "model      -",
+        (f"model      {model.get('name', '-')} / {model.get('pretrained', '-')}, preprocessing "
+         f"{model.get('preprocess', 'open_clip')}") if model else "model      -",
         f"layout     {d['n_tokens']} tokens x d_model {d['d_model']}, {d['dtype']}, "
         f"{d['chunk_images']} images per chunk, regions of {d['region_images']} images",
         f"codec      {codec['preset']}" + (f" (zstd level {codec['zstd_level']})" if "zstd" in codec["preset"] else "")
