@@ -10,9 +10,11 @@ same file system, in the same run.
     python benchmarks/harvest_pipeline.py --images 1024 --layers 8 --out-dir /dev/shm   # tmpfs
 
 Columns: images/s, GB/s written, the main thread's microseconds per image (its CPU time: what a
-GPU harvest's launching thread has to spare), and the ratio to the write ceiling. Two pipeline
-rows: pre-decoded pixels (decoding excluded) and JPEG decoding included (the decode pool with
-`--workers`). A last row gives decode images/s per core for LAION-like 512 x 384 JPEGs: the number
+GPU harvest's launching thread has to spare), and the ratio to the write ceiling. Rows: the host
+path with pre-decoded pixels (decoding excluded) and with JPEG decoding (the decode pool with
+`--workers`), where the device's work (pixel normalisation, the forward's casts into the device
+buffers and the per-batch statistics, which a GPU computes) is left out; and the whole CPU harvest, where the same
+device work runs on the CPU's two cores. A last row gives decode images/s per core for LAION-like 512 x 384 JPEGs: the number
 of decode cores a GPU needs is its images/s divided by that.
 """
 
@@ -76,17 +78,25 @@ def make_jpegs(folder: Path, n: int, size=(512, 384), seed: int = 0) -> list[Pat
 
 class StandInViT(LoadedViT):
     """LoadedViT's interface with the shape of a big model and almost no compute: every hooked block
-    hands the sink the same preallocated (B, tokens, width) tensor of plausible values."""
+    hands the sink the same preallocated (B, tokens, width) tensor of plausible values. With
+    `device_work=False` it does not even do that: the device buffers keep what they hold, as on a
+    GPU, where the forward, the casts and the statistics are the device's work, not the host's."""
 
-    def __init__(self, cfg: ModelConfig, layers: list[int], tokens: int, width: int) -> None:
+    def __init__(self, cfg: ModelConfig, layers: list[int], tokens: int, width: int, device_work: bool = True) -> None:
         super().__init__(ModelConfig(model=TINY, pretrained="none", seed=0), [1])
         self.n_tokens, self.width = tokens, width
         self._layers = sorted(layers)
         self._fake = None
+        self.device_work = device_work
         self.fingerprint = f"stand-in-{tokens}x{width}-{self._layers}"
+
+    def normalize(self, pixels_uint8: torch.Tensor) -> torch.Tensor:
+        return super().normalize(pixels_uint8) if self.device_work else pixels_uint8
 
     def forward(self, x: torch.Tensor, sink) -> None:
         b = x.shape[0]
+        if not self.device_work:
+            return
         if self._fake is None or self._fake.shape[0] < b:
             g = torch.Generator().manual_seed(0)
             self._fake = torch.randn((b, self.n_tokens, self.width), generator=g) * 2.0
@@ -106,12 +116,22 @@ class _ThreadClock:
 
 
 def run_pipeline(folder: Path, out: Path, layers: list[int], tokens: int, width: int, batch: int, workers: int,
-                 predecoded: bool, chunk_images: int) -> dict:
-    """One harvest of `folder` into `out` with the stand-in model; images/s, bytes, main-thread CPU."""
+                 predecoded: bool, chunk_images: int, device_work: bool = False) -> dict:
+    """One harvest of `folder` into `out` with the stand-in model; images/s, bytes, main-thread CPU.
+    Without `device_work`, the per-batch statistics are those of the first batch, handed out again
+    (on a GPU they are computed there); with it, everything a CPU harvest does runs."""
     if out.exists():
         shutil.rmtree(out)
-    orig_vit, orig_decode = run.LoadedViT, pipeline.decode_image
-    run.LoadedViT = lambda cfg, ls: StandInViT(cfg, ls, tokens, width)
+    orig_vit, orig_decode, orig_moments = run.LoadedViT, pipeline.decode_image, pipeline._device_moments
+    run.LoadedViT = lambda cfg, ls: StandInViT(cfg, ls, tokens, width, device_work)
+    if not device_work:
+        first: dict = {}
+
+        def cached_moments(acts):
+            if acts.shape not in first:
+                first[acts.shape] = orig_moments(acts)
+            return first[acts.shape]
+        pipeline._device_moments = cached_moments
     cached: dict = {}
     if predecoded:
         def fast_decode(data, transform, min_size=2):  # decoded once, then handed out again: no decode cost
@@ -133,7 +153,7 @@ def run_pipeline(folder: Path, out: Path, layers: list[int], tokens: int, width:
         wall = time.perf_counter() - t0
         main_cpu = clock.seconds()
     finally:
-        run.LoadedViT, pipeline.decode_image = orig_vit, orig_decode
+        run.LoadedViT, pipeline.decode_image, pipeline._device_moments = orig_vit, orig_decode, orig_moments
     n = int(report["images"]["stored"])
     nbytes = n * tokens * width * 2 * len(layers)
     return {"images": n, "seconds": wall, "bytes": nbytes, "main_cpu_s": main_cpu, "report": report}
@@ -208,9 +228,11 @@ def main(argv=None) -> int:
         threads = min(len(layers), len(os.sched_getaffinity(0)) * 2)  # the store writer's default
         chunk_bytes = args.chunk_images * args.tokens * args.width * 2
         rows = []
-        for name, predecoded in (("pipeline, pre-decoded pixels", True), ("pipeline, JPEG decoding included", False)):
+        cases = (("host path, pre-decoded pixels", True, False), ("host path, JPEG decoding included", False, False),
+                 ("CPU harvest (device work on the CPU)", True, True))
+        for name, predecoded, device_work in cases:
             r = run_pipeline(work / "jpegs", base / "store", layers, args.tokens, args.width, args.batch_size,
-                             args.workers, predecoded, args.chunk_images)
+                             args.workers, predecoded, args.chunk_images, device_work)
             ceiling_s = write_ceiling(base, r["bytes"], chunk_bytes, threads)
             rows.append({"case": name, "images_per_s": r["images"] / r["seconds"],
                          "gb_per_s": r["bytes"] / r["seconds"] / 1e9,
@@ -226,16 +248,17 @@ def main(argv=None) -> int:
             shutil.rmtree(base / "store", ignore_errors=True)
     print(f"{args.images} images, {len(layers)} layers x {args.tokens} x {args.width} fp16, batch {args.batch_size}, "
           f"{threads} writer threads, {os.cpu_count()} cores, writing to {base}")
-    print(f"{'case':36s} {'img/s':>8s} {'GB/s':>6s} {'main us/img':>11s} {'ceiling GB/s':>12s} {'ratio':>6s}")
+    print(f"{'case':38s} {'img/s':>8s} {'GB/s':>6s} {'main us/img':>11s} {'ceiling GB/s':>12s} {'ratio':>6s}")
     for r in rows:
-        print(f"{r['case']:36s} {r['images_per_s']:8.1f} {r['gb_per_s']:6.2f} {r['main_us_per_image']:11.0f} "
+        print(f"{r['case']:38s} {r['images_per_s']:8.1f} {r['gb_per_s']:6.2f} {r['main_us_per_image']:11.0f} "
               f"{r['ceiling_gb_per_s']:12.2f} {r['write_ceiling_ratio']:6.2f}")
-    print(f"{'decode only, 512x384 JPEG, per core':36s} {per_core:8.1f}")
+    print(f"{'decode only, 512x384 JPEG, per core':38s} {per_core:8.1f}")
     result = {"machine": platform.platform(), "cores": os.cpu_count(), "images": args.images, "layers": layers,
               "tokens": args.tokens, "width": args.width, "batch_size": args.batch_size, "writer_threads": threads,
               "out_dir": str(base), "rows": rows, "decode_images_per_s_per_core": per_core,
               "write_ceiling_ratio": rows[0]["write_ceiling_ratio"],
-              "write_ceiling_ratio_with_decode": rows[1]["write_ceiling_ratio"]}
+              "write_ceiling_ratio_with_decode": rows[1]["write_ceiling_ratio"],
+              "write_ceiling_ratio_cpu_device_work": rows[2]["write_ceiling_ratio"]}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -74,14 +74,14 @@ def test_a_writer_that_fails_while_the_main_thread_waits_on_it_stops_the_harvest
     """The writer thread hits a full disk on the 8th batch (shard 1's 2nd) just when the main thread
     has filled the queue and waits for a free host slot: it used to wait forever."""
     folder, ref = reference
-    forwards, adds, filled = [], [], threading.Event()
-    forward, add = LoadedViT.forward, ShardWriter.add
+    waits, adds, filled = [], [], threading.Event()
+    free_slot, add = pipeline.ShardRunner._free_slot, ShardWriter.add
 
-    def counted_forward(self, pixels, sink):
-        forwards.append(1)
-        if len(forwards) == 11:  # batches 9 and 10 hold the other two slots; batch 11 needs the 8th's
+    def counted_wait(self, failure):
+        waits.append(1)
+        if len(waits) == 11:  # batches 9 and 10 hold the other two slots; batch 11 needs the 8th's
             filled.set()
-        return forward(self, pixels, sink)
+        return free_slot(self, failure)
 
     def failing_add(self, *args, **kwargs):
         adds.append(1)
@@ -90,7 +90,7 @@ def test_a_writer_that_fails_while_the_main_thread_waits_on_it_stops_the_harvest
             raise OSError(errno.ENOSPC, "No space left on device")
         return add(self, *args, **kwargs)
 
-    monkeypatch.setattr(LoadedViT, "forward", counted_forward)
+    monkeypatch.setattr(pipeline.ShardRunner, "_free_slot", counted_wait)
     monkeypatch.setattr(ShardWriter, "add", failing_add)
     with pytest.raises(HarvestError) as excinfo:
         harvest(_cfg(tmp_path / "s", folder, workers))

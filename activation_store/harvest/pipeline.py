@@ -239,7 +239,9 @@ class ShardRunner:
         h, w = model.preprocess["image_size"]
         pin = self.cuda
         self.pixels = [torch.empty((b, h, w, 3), dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
-        self.dev = [torch.empty((n_loc, b, t, d), dtype=self.storage_dtype, device=self.device) for _ in range(2)]
+        # device buffers the forward writes into (on the CPU it writes into the host slots instead)
+        self.dev = [torch.empty((n_loc, b, t, d), dtype=self.storage_dtype, device=self.device)
+                    for _ in range(2 if self.cuda else 0)]
         self.dev_free = [None, None]  # CUDA events: the copy out of dev[k] finished
         self.pix_free = [None, None]  # CUDA events: the copy of pixels[k] to the device finished
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
@@ -372,9 +374,30 @@ class ShardRunner:
         thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     # ------------------------------------------------------------------ one batch
+    def _free_slot(self, failure: _Failure) -> int | None:
+        """A host slot back from the writer thread (None once any stage has failed)."""
+        t = time.perf_counter()
+        slot_i = None
+        while slot_i is None:
+            if failure:
+                return None
+            try:
+                slot_i = self.free_slots.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+        self.stage_seconds["wait_writer"] += time.perf_counter() - t
+        return slot_i
+
     def _run_batch(self, k: int, b: int, records: list[ImageRecord], work: queue.Queue, failure: _Failure) -> None:
         model = self.model
-        dev = self.dev[k]
+        slot_i = None
+        if self.cuda:
+            dev = self.dev[k]
+        else:  # on the CPU the forward writes straight into a host slot: a copy of every value less
+            slot_i = self._free_slot(failure)
+            if slot_i is None:
+                return
+            dev = self.slots[slot_i].acts
         if self.cuda and self.dev_free[k] is not None:
             torch.cuda.current_stream(self.device).wait_event(self.dev_free[k])
         x = self.pixels[k][:b].to(self.device, non_blocking=True)
@@ -389,16 +412,10 @@ class ShardRunner:
         model.forward(model.normalize(x), sink)
         acts = dev[:, :b]
         stats, counts, bad = _device_moments(acts)
-        t = time.perf_counter()
-        slot_i = None
-        while slot_i is None:  # a slot comes back from the writer thread, unless it has failed
-            if failure:
+        if slot_i is None:
+            slot_i = self._free_slot(failure)
+            if slot_i is None:
                 return
-            try:
-                slot_i = self.free_slots.get(timeout=_POLL_S)
-            except queue.Empty:
-                continue
-        self.stage_seconds["wait_writer"] += time.perf_counter() - t
         slot = self.slots[slot_i]
         if self.cuda:
             ready = torch.cuda.Event()
@@ -415,8 +432,7 @@ class ShardRunner:
                 done.record(self.copy_stream)
             slot.done = done
             self.dev_free[k] = done
-        else:
-            slot.acts[:, :b].copy_(acts)
+        else:  # the activations are in the slot already
             slot.bad[:b].copy_(bad)
             slot.stats.copy_(stats)
             slot.counts.copy_(counts)
