@@ -9,7 +9,7 @@ it as one line and exits 2.
         StoreFormatError, StoreMismatchError, ShardStateError (ShardClaimedError), CapacityError,
         UnknownLocationError, RowsNotCommittedError, StorageWriteError
       DataError                stored or given data is damaged or unusable
-        ChunkCorruptError, ChunkMissingError, NonFiniteActivationError, NoDataError
+        ChunkCorruptError, ChunkMissingError, ChunkReadError, NonFiniteActivationError, NoDataError
       ModelError               the ViT cannot be built or does not fit the request
         PretrainedUnavailableError
       SourceError              an input source failed (img2dataset stopped, a shard of another rank)
@@ -82,6 +82,11 @@ class ChunkCorruptError(DataError):
 
 class ChunkMissingError(DataError):
     """A chunk of a committed input shard is absent from storage."""
+
+
+class ChunkReadError(DataError):
+    """Storage kept failing to return an object (a chunk, usually): every attempt of a read,
+    retried with back-off, failed (5xx, reset connections, timeouts); the message names it."""
 
 
 class NonFiniteActivationError(DataError):

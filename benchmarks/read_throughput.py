@@ -5,6 +5,10 @@ gathered one row at a time), all on the same data in the same run.
 
     python benchmarks/read_throughput.py                  # 1,024 images x 257 tokens x 1024 (0.54 GB fp16)
     python benchmarks/read_throughput.py --device cuda    # also: tokens/s delivered into GPU memory
+    python benchmarks/read_throughput.py --json out.json  # where the JSON goes
+
+"float32 out / fp16 out" is the float32 reader's rate over the fp16-out reader's, same run, same
+cache state (the conversion's cost: float32 batches are twice the bytes).
 
 Page cache: "warm" passes run right after a full read of the same files; "cold" passes evict them
 first with posix_fadvise(DONTNEED). GB/s count decoded fp16 bytes (2 per value) delivered.
@@ -58,6 +62,7 @@ def chunk_files(store: ActivationStore) -> list[str]:
 def evict(files: list[str]) -> None:
     for f in files:
         fd = os.open(f, os.O_RDONLY)
+        os.fdatasync(fd)  # dirty pages (a store just written) are not evicted
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
 
@@ -174,7 +179,7 @@ def main(argv=None) -> int:
     ap.add_argument("--codecs", default="none,shuffle-zstd")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workdir", default=None)
-    ap.add_argument("--out", default="benchmarks/results/read_throughput.json")
+    ap.add_argument("--out", "--json", dest="out", default="benchmarks/results/read_throughput.json")
     args = ap.parse_args(argv)
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="read_bench_"))
@@ -194,21 +199,13 @@ def main(argv=None) -> int:
                                       threads=args.threads, dtype=dtype, device=device, seed=1)
 
             for state in ("warm", "cold"):
-                if state == "warm":
-                    warm(files)
-                else:
-                    evict(files)
+                prepare = warm if state == "warm" else evict
+                prepare(files)
                 r[f"pread_{state}"] = pread_rate(files, args.threads, rng) * ratio / tok_bytes  # tokens/s
-                if state == "cold":
-                    evict(files)
-                else:
-                    warm(files)
+                prepare(files)  # float32 and fp16 out back to back: their ratio is what matters
                 r[f"shuffled_{state}"], _ = reader_rate(shuffled)
-            warm(files)
-            r["shuffled_fp16_out"], _ = reader_rate(lambda: shuffled("float16"))
-            r["shuffled_fp16_out_cold"] = None
-            evict(files)
-            r["shuffled_fp16_out_cold"], _ = reader_rate(lambda: shuffled("float16"))
+                prepare(files)
+                r["shuffled_fp16_out" + ("_cold" if state == "cold" else "")], _ = reader_rate(lambda: shuffled("float16"))
             warm(files)
             r["ordered"], _ = reader_rate(lambda: OrderedReader(store, LOC, batch_size=args.batch_size,
                                                                 buffer_tokens=args.buffer_tokens, threads=args.threads))
@@ -246,6 +243,11 @@ def main(argv=None) -> int:
             ref = r[f"pread_{cache}"] if cache in ("warm", "cold") else ceiling
             xdec = f"{v / r['decode_only']:.2f}" if r.get("decode_only") and key.startswith("shuffled") else "-"
             print(f"{r['codec']:<13} {name:<22} {v:>10,.0f} {gb(v):>6.2f} {v / ref:>9.2f} {xdec:>8} {v / saev:>12.0f}")
+    for r in rows:
+        r["float32_over_fp16_out_warm"] = r["shuffled_warm"] / r["shuffled_fp16_out"]
+        r["float32_over_fp16_out_cold"] = r["shuffled_cold"] / r["shuffled_fp16_out_cold"]
+        print(f"{r['codec']:<13} float32 out / fp16 out: warm {r['float32_over_fp16_out_warm']:.2f}, "
+              f"cold {r['float32_over_fp16_out_cold']:.2f}")
     print(f"{'none':<13} {'saev-style (warm)':<22} {saev:>10,.0f} {saev * tok_bytes / 1e9:>6.2f}"
           f"   (fp32 memmap, per-row reservoir; GB/s counted as fp16 like the rest)")
     print("\ntokens/s of d_model-wide vectors; GB/s of fp16; 'x ceiling' = / raw pread of the same files (same cache state);"

@@ -9,6 +9,11 @@
   (0 = batch order says nothing about store order).
 
     python benchmarks/shuffle_quality.py
+    python benchmarks/shuffle_quality.py --memory 128MB,512MB,1GB,2GB,4GB   # the mixing a memory budget gives
+
+With --memory, each budget is turned into the windows a reader with that `memory` setting gets
+on a d_model 1024 fp16 store of 16-image chunks (`--memory-d-model`; the reader's own sizing,
+`readers.engine.window_plan`), and the quality store is read with windows of that many tokens.
 """
 
 from __future__ import annotations
@@ -39,12 +44,28 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def windows_for_budgets(path: Path, budgets: list[str], d: int, batch_size: int) -> dict[int, str]:
+    """{window tokens: budget} of a reader given `memory=budget` on a d-wide fp16 store of 16-image
+    chunks (an empty store: only its shape matters)."""
+    from activation_store.readers import ReaderConfig
+    from activation_store.readers.engine import window_plan
+    from activation_store.readers.selection import TokenSelection
+
+    store = ActivationStore.create(str(path), locations="resid_0", n_tokens=257, d_model=d,
+                                   config=StoreConfig(chunk_images=16, region_images=1024))
+    sel = TokenSelection.resolve("all", 257)
+    return {window_plan(ReaderConfig(location="resid_0", memory=b, batch_size=batch_size), store, sel)["window_tokens"]: b
+            for b in budgets}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=4096)
     ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--buffers", default="4112,16448,65792,263168,1052672")
-    ap.add_argument("--out", default="benchmarks/results/shuffle_quality.json")
+    ap.add_argument("--memory", default=None, help="memory budgets (comma list, like 256MB,1GB) instead of --buffers")
+    ap.add_argument("--memory-d-model", type=int, default=1024, help="d_model the budgets are sized for")
+    ap.add_argument("--out", "--json", dest="out", default="benchmarks/results/shuffle_quality.json")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="shuffle_q_"))
     try:
@@ -57,7 +78,13 @@ def main(argv=None) -> int:
                 w.add({"resid_0": np.ones((n, 257, 4), np.float16)}, [ImageRecord(str(i + j)) for j in range(n)])
         expect = expected_distinct(args.images, 257, 256)
         rows = []
-        for buf in (int(x) for x in args.buffers.split(",")):
+        budgets = {}
+        if args.memory:
+            budgets = windows_for_budgets(work / "sizing", args.memory.split(","), args.memory_d_model, args.batch_size)
+            buffers = list(budgets)
+        else:
+            buffers = [int(x) for x in args.buffers.split(",")]
+        for buf in buffers:
             reader = ShuffledReader(store, "resid_0", batch_size=args.batch_size, buffer_tokens=buf, seed=0,
                                     return_ids=True, drop_last=True)
             shares, mixing, means = [], [], []
@@ -66,16 +93,19 @@ def main(argv=None) -> int:
                 shares.append(np.bincount(img - img.min()).max() / len(img))
                 mixing.append(len(np.unique(img[:256])) / expect)
                 means.append(img.mean())
-            rows.append({"buffer_tokens": buf, "buffer_images": buf / 257, "max_share_mean": float(np.mean(shares)),
+            rows.append({**({"memory": budgets[buf]} if buf in budgets else {}),
+                         "buffer_tokens": buf, "buffer_images": buf / 257, "max_share_mean": float(np.mean(shares)),
                          "max_share_worst": float(np.max(shares)), "mixing": float(np.mean(mixing)),
                          "order_correlation": spearman(np.arange(len(means)), np.asarray(means))})
-        print(f"{'buffer tokens':>13} {'~images':>8} {'max share (mean)':>16} {'max share (worst)':>17} "
-              f"{'mixing':>7} {'order corr':>10}")
+        print((f"{'memory':>8} " if budgets else "") + f"{'buffer tokens':>13} {'~images':>8} {'max share (mean)':>16} "
+              f"{'max share (worst)':>17} {'mixing':>7} {'order corr':>10}")
         for r in rows:
-            print(f"{r['buffer_tokens']:>13,} {r['buffer_images']:>8.0f} {r['max_share_mean']:>16.4f} "
+            print((f"{r['memory']:>8} " if budgets else "") + f"{r['buffer_tokens']:>13,} {r['buffer_images']:>8.0f} "
+                  f"{r['max_share_mean']:>16.4f} "
                   f"{r['max_share_worst']:>17.4f} {r['mixing']:>7.3f} {r['order_correlation']:>10.3f}")
         print(f"\n{args.images} images x 257 tokens, batch {args.batch_size}; uniform sampling: max share ~"
-              f"{3 / args.batch_size:.4f}, mixing 1.0, order correlation ~0")
+              f"{3 / args.batch_size:.4f}, mixing 1.0, order correlation ~0"
+              + (f"; windows sized by each memory budget for d_model {args.memory_d_model} fp16" if budgets else ""))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"images": args.images, "batch_size": args.batch_size, "results": rows},
                                              indent=2))

@@ -24,7 +24,35 @@ def store_factory(tmp_path):
     return factory
 
 
-__all__ = ["make_store", "write_shard"]
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A moto S3 server on 127.0.0.1 with a bucket `acts`; yields its endpoint URL."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1", "NO_PROXY": "127.0.0.1,localhost"}.items():
+        monkeypatch.setenv(k, v)
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="acts")
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+
+
+__all__ = ["free_port", "make_store", "write_shard"]
 
 
 

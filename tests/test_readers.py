@@ -273,3 +273,68 @@ def test_one_rank_resolution_for_every_component(monkeypatch, store):
     assert resolve_rank(0, 2, launcher_env=True) == (0, 2)  # explicit values first
     with pytest.raises(ConfigError, match="not in"):
         resolve_rank(5, 2)
+
+
+# ---------------------------------------------------------------------------- output paths
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Gather blocks of 5 rows (instead of ~4096 at d=32), so batches span many blocks and the
+    split between gather threads falls inside windows and batches."""
+    from activation_store.readers import engine
+
+    monkeypatch.setattr(engine, "BLOCK_VALUES", 5 * 32)
+
+
+@pytest.mark.parametrize("storage_dtype", ["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("tokens", ["all", "patches", "cls"])
+def test_converted_batches_equal_the_storage_dtype_batches_converted(tmp_path, small_blocks, storage_dtype, tokens):
+    s = make_store(str(tmp_path / storage_dtype), dtype=storage_dtype)
+    s.plan_shards(list(SIZES))
+    for seed, (src, n) in enumerate(SIZES):
+        write_shard(s, src, seed, n)
+    native = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[storage_dtype]
+    kw = dict(tokens=tokens, batch_size=23, buffer_tokens=60, seed=7, return_ids=True, gather_threads=2)
+    raw, raw_ids = drain(ShuffledReader(s, "resid_2", dtype=native, **kw))
+    want = torch.cat(raw).float()
+    for dtype in ("float32", "bfloat16", "float16"):
+        xs, ids = drain(ShuffledReader(s, "resid_2", dtype=dtype, **kw))
+        np.testing.assert_array_equal(ids, raw_ids)
+        got = torch.cat(xs)
+        assert got.dtype == getattr(torch, dtype)
+        assert torch.equal(got, want.to(got.dtype)), dtype
+    for mode in ("standardize", "unit_mean_sq_norm"):
+        r = ShuffledReader(s, "resid_2", dtype="float32", normalize=mode, **kw)
+        xs, ids = drain(r)
+        np.testing.assert_array_equal(ids, raw_ids)
+        assert torch.equal(torch.cat(xs), r.normalizer.apply(want))  # the same ops, bit for bit
+
+
+def test_every_batch_stays_valid_while_the_caller_holds_it(store, small_blocks):
+    """Batch memory is reused only once nothing refers to it: batches kept whole, as views or as
+    numpy arrays keep their values while later batches are made."""
+    kw = dict(batch_size=8, buffer_tokens=60, seed=3, return_ids=True, drop_last=True)
+    for dtype in ("float16", "float32"):
+        kept, views, arrays, ids = [], [], [], []
+        for i, (x, idx) in enumerate(ShuffledReader(store, "resid_2", dtype=dtype, **kw)):
+            ids.append(idx.numpy())
+            if i % 3 == 0:
+                kept.append((i, x))
+            elif i % 3 == 1:
+                views.append((i, x[2:5]))
+            else:
+                arrays.append((i, x.numpy()))
+            x = None  # drop our own name for it
+        ids = np.concatenate(ids)
+        want = value_at(store, "resid_2", ids).reshape(-1, 8, 32)
+        for i, x in kept:
+            np.testing.assert_array_equal(x.float().numpy(), want[i])
+        for i, v in views:
+            np.testing.assert_array_equal(v.float().numpy(), want[i][2:5])
+        for i, a in arrays:
+            np.testing.assert_array_equal(a.astype(np.float32), want[i])
+
+
+def test_batches_dropped_by_the_caller_reuse_their_memory(store):
+    reader = ShuffledReader(store, "resid_2", batch_size=8, buffer_tokens=60, seed=3)
+    ptrs = {x.data_ptr() for x in reader}  # each batch dropped before the next is asked for
+    assert len(ptrs) <= 4 < 510 // 8

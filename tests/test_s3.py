@@ -20,25 +20,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def s3(monkeypatch):
-    from moto.server import ThreadedMotoServer
-    import boto3
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1", "NO_PROXY": "127.0.0.1,localhost"}.items():
-        monkeypatch.setenv(k, v)
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="acts")
-    try:
-        yield endpoint
-    finally:
-        server.stop()
-
-
 def test_store_cycle_on_s3(s3, capsys):
     opts = {"endpoint_url": s3}
     url = "s3://acts/run1/store.zarr"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from activation_store.configs import check_choice, comma_list, option
@@ -10,6 +11,23 @@ from activation_store.errors import ConfigError
 OUTPUT_DTYPES = ("float32", "bfloat16", "float16")
 NORMALIZE_MODES = ("none", "standardize", "unit_mean_sq_norm")
 SPLITS = ("all", "train", "eval")
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30, "t": 2**40, "tib": 2**40}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*$")
+
+
+def parse_bytes(text) -> int | None:
+    """A memory size: 1GB, 512MB, 2GiB, 1.5e9 (bytes), or 'none'."""
+    if text is None or isinstance(text, int):
+        return text
+    if str(text).lower() == "none":
+        return None
+    m = _SIZE.match(str(text).lower())
+    if not m or m.group(2) not in _UNITS:
+        raise ConfigError(f"a memory size is a number with a unit, like 1GB, 512MB or 2GiB; got {text!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
 def parse_tokens(text: str):
@@ -41,6 +59,18 @@ class ReaderConfig:
     drop_last: bool = option(False, help="drop the last, smaller batch of each epoch")
     return_ids: bool = option(False, help="also yield (image_row, token_index) per vector")
     threads: int = option(4, help="chunk fetch/decode threads")
+    gather_threads: int = option(0, help="threads that gather (and convert) batches out of the window; 0: one a "
+                                         "core, at most 4")
+    memory: int | None = option(None, flag="--reader-memory", parse=parse_bytes,
+                                help="memory budget of the reader, like 1GB: sizes its two windows (instead of "
+                                     "buffer_tokens) after its fixed buffers")
+    io_concurrency: int = option(8, help="object stores: GETs in flight at once")
+    prefetch: int = option(16, help="object stores: chunk objects fetched ahead of their decode, across windows "
+                                    "(memory: this many chunk objects)")
+    io_attempts: int = option(5, help="tries of one chunk read, with back-off between them, before ChunkReadError")
+    io_timeout: float = option(60.0, help="object stores: seconds one GET may take before it is retried")
+    readahead: bool = option(True, help="local disks: ask the kernel to read the first chunk files of the next "
+                                        "window ahead (posix_fadvise WILLNEED)")
     shuffle: bool = option(True, help="shuffle (False: store order)")
     split: str = option("all", help="all images, or 'train'/'eval': images split by a fixed hash of their row",
                         choices=SPLITS)
@@ -51,11 +81,19 @@ class ReaderConfig:
             self.location = str(self.location)
         if not isinstance(self.tokens, str):
             self.tokens = [int(t) for t in self.tokens]
-        for name in ("batch_size", "buffer_tokens", "threads"):
+        for name in ("batch_size", "buffer_tokens", "threads", "io_concurrency", "prefetch", "io_attempts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.epochs is not None and self.epochs < 1:
             raise ConfigError(f"epochs must be >= 1 or None (forever), got {self.epochs}")
+        if self.memory is not None:
+            self.memory = parse_bytes(self.memory)
+            if self.memory < 1:
+                raise ConfigError(f"memory must be a positive size, got {self.memory}")
+        if self.gather_threads < 0:
+            raise ConfigError(f"gather_threads must be >= 0 (0: automatic), got {self.gather_threads}")
+        if not self.io_timeout > 0:
+            raise ConfigError(f"io_timeout must be > 0 seconds, got {self.io_timeout}")
         check_choice("dtype", self.dtype, OUTPUT_DTYPES)
         check_choice("normalize", self.normalize, NORMALIZE_MODES)
         check_choice("split", self.split, SPLITS)

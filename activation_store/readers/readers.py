@@ -100,6 +100,15 @@ class _Reader:
         """Fail now, with the reason, if the current epoch would yield no batch on this rank."""
         self._require_batches()
 
+    @property
+    def window_tokens(self) -> int:
+        """Tokens per window (from `buffer_tokens`, or from the `memory` budget when set)."""
+        return self.engine.buffer_tokens
+
+    def memory_plan(self) -> dict:
+        """Bytes the reader holds: its two windows and its fixed buffers (what `memory` budgets)."""
+        return dict(self.engine.sizes)
+
     def epoch_size(self) -> dict:
         """Tokens and batches this rank yields in the current epoch."""
         plan = self.engine.plan(self._epoch, self._epoch_chunks())
@@ -109,13 +118,15 @@ class _Reader:
     def state_dict(self) -> dict:
         """Where the reader is: load it into a reader of the same configuration to continue exactly."""
         return {"version": STATE_VERSION, "config": as_dict(self.cfg), "rank": self.rank, "world_size": self.world,
-                "epoch": self._epoch, "window": self._window, "position": self._pos, "batch": self._batch,
+                "window_tokens": self.window_tokens, "epoch": self._epoch, "window": self._window, "position": self._pos, "batch": self._batch,
                 "shards": self._shards, "normalizer": self.normalizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
             raise ConfigError(f"reader state version {state.get('version')} is not {STATE_VERSION}")
         mine, saved = _images_read(as_dict(self.cfg)), _images_read(state["config"])
+        if "window_tokens" in state:  # the windows decide the order: compare them, however they were sized
+            mine["buffer_tokens"], saved["buffer_tokens"] = self.window_tokens, state["window_tokens"]
         for key in _RESUME_KEYS:
             if saved[key] != mine[key]:
                 raise ConfigError(

@@ -35,6 +35,7 @@ class ActivationDataset(IterableDataset):
         if get_worker_info() is not None:
             torch.set_num_threads(1)
             overrides["threads"] = min(self.cfg.threads, 2)
+            overrides["gather_threads"] = self.cfg.gather_threads or 1  # the workers share the cores
         reader = ShuffledReader(self.store_url, self.cfg, storage_options=self.storage_options, **overrides)
         try:
             yield from reader

@@ -2,22 +2,36 @@
 through fsspec for our own bookkeeping objects and through a zarr store for the arrays.
 
 Every write of the package goes through here, so a full disk, a read-only file system or a
-refused permission becomes one StorageWriteError that says what to do, never a raw OSError."""
+refused permission becomes one StorageWriteError that says what to do, never a raw OSError.
+
+Every read of an object's bytes goes through `read_bytes` / `read_many`: a GET that fails with a
+transient error (a 5xx, a reset connection, a timeout, a GET slower than the policy's timeout)
+is retried with exponential back-off and jitter (`ReadPolicy`); an object that keeps failing
+raises ChunkReadError naming it. On object stores these reads use a filesystem instance of their
+own whose client does not retry by itself (botocore's and s3fs's own retries would multiply ours
+and hide a dead endpoint for minutes). A `Prefetcher` GETs objects ahead of their use, a bounded
+number at a time; `read_bytes` hands out what it fetched."""
 
 from __future__ import annotations
 
+import copy
 import errno
 import os
 import posixpath
+import random
 import re
 import threading
+import time
 import uuid
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import fsspec
+import fsspec.asyn
 import zarr
 import zarr.storage
 
-from activation_store.errors import StorageWriteError
+from activation_store.errors import ActivationStoreError, ChunkReadError, StorageWriteError
 from activation_store.faults import kill_point
 
 TMP_MARK = ".tmp-"  # write_bytes writes `<key>.tmp-<32 hex digits>`, then renames it over `<key>`
@@ -50,6 +64,45 @@ def _mount_point(path: str) -> str:
     return path
 
 
+@dataclass(frozen=True)
+class ReadPolicy:
+    """How one object's read is retried: `attempts` tries in all, waiting `backoff` seconds before
+    the second (doubling each time, at most `max_backoff`, with full jitter); one attempt on an
+    object store that takes longer than `timeout` seconds is abandoned and counts as failed."""
+
+    attempts: int = 5
+    backoff: float = 0.1
+    max_backoff: float = 2.0
+    timeout: float | None = 60.0
+
+    def delay(self, failed: int) -> float:
+        """Seconds to wait after the `failed`-th failed attempt (1, 2, ...)."""
+        return random.uniform(0.5, 1.0) * min(self.max_backoff, self.backoff * 2 ** (failed - 1))
+
+
+# errors that say the object is absent or may not be read: another attempt cannot change them
+_FINAL_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ActivationStoreError)
+
+
+def _read_options(protocol: str, options: dict) -> dict:
+    """Storage options for the filesystem that reads objects: the same, with the S3 client's own
+    retries off (ours replace them), a connection pool as large as a reader's concurrency,
+    whole-object GETs (s3fs would split a large object into ranged GETs after a HEAD), and no
+    response checksum beyond what the format checks itself. Explicit settings are kept."""
+    opts = copy.deepcopy(options)
+    if protocol in ("s3", "s3a"):
+        ck = dict(opts.get("config_kwargs") or {})
+        ck.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
+        ck.setdefault("max_pool_connections", 64)
+        # every chunk carries its own CRC-32C, checked by its decoder: the SDK's second checksum of
+        # each response costs ~30% of a client core (its single event-loop thread is what limits
+        # GET throughput)
+        ck.setdefault("response_checksum_validation", "when_required")
+        opts["config_kwargs"] = ck
+        opts.setdefault("max_concurrency", 1)  # one GET an object, no HEAD before it (readers run GETs in parallel)
+    return opts
+
+
 class Storage:
     def __init__(self, url: str, storage_options: dict | None = None) -> None:
         self.storage_options = dict(storage_options or {})
@@ -69,6 +122,12 @@ class Storage:
         self._zarr_store = None
         self.bytes_read = 0  # bytes fetched from storage by our own read paths (a running count)
         self._count_lock = threading.Lock()
+        self.read_policy = ReadPolicy()  # retries of reads not made through a Prefetcher
+        self._read_fs = None
+        self._fs_lock = threading.Lock()
+        self._prefetch_lock = threading.Lock()
+        self._prefetchers: list[Prefetcher] = []
+        self.get_attempts = 0  # object reads attempted (retries included; a running count)
 
     def count_read(self, n: int) -> None:
         with self._count_lock:
@@ -118,31 +177,115 @@ class Storage:
     def is_file(self, key: str = "") -> bool:
         return self.fs.isfile(self.path(key))
 
-    def read_bytes(self, key: str, count: bool = True) -> bytes | None:
+    def read_fs(self):
+        """The filesystem our object reads go through (on object stores: one whose client does not
+        retry by itself; see the module docstring)."""
+        if self.is_local:
+            return self.fs
+        with self._fs_lock:  # one client, however many threads ask for it first
+            if self._read_fs is None:
+                protocol = self.url.split("://", 1)[0]
+                fs, _ = fsspec.core.url_to_fs(self.url, skip_instance_cache=True,
+                                              **_read_options(protocol, self.storage_options))
+                if protocol in ("s3", "s3a"):
+                    fs.retries = 1  # s3fs's own retry loop, besides botocore's
+                self._read_fs = fs
+        return self._read_fs
+
+    def connect(self) -> None:
+        """Set up the read client now (an S3 client takes ~0.1-0.2 s to create), not at the first
+        read. Errors are left to the reads, which retry and name what failed."""
+        if self.is_local:
+            return
         try:
-            data = self.fs.cat_file(self.path(key))
-        except FileNotFoundError:
+            fs = self.read_fs()
+            if hasattr(fs, "connect"):
+                fs.connect()
+        except Exception:
+            pass
+
+    def _get_once(self, path: str, timeout: float | None):
+        fs = self.read_fs()
+        with self._count_lock:
+            self.get_attempts += 1
+        if timeout and getattr(fs, "async_impl", False) and getattr(fs, "loop", None) is not None:
+            return fsspec.asyn.sync(fs.loop, fs._cat_file, path, timeout=timeout)
+        return fs.cat_file(path)
+
+    def get(self, key: str, policy: ReadPolicy | None = None) -> bytes | None:
+        """The object's bytes (None when absent), retried by `policy` (default: `read_policy`);
+        ChunkReadError, naming the object, when every attempt failed. Counts no bytes."""
+        policy = policy or self.read_policy
+        path = self.path(key)
+        failed, last = 0, None
+        while True:
+            try:
+                return self._get_once(path, policy.timeout)
+            except FileNotFoundError:
+                return None
+            except _FINAL_ERRORS:
+                raise
+            except Exception as exc:  # a 5xx, a reset or refused connection, a timeout, a short read
+                failed, last = failed + 1, exc
+            if failed >= policy.attempts:
+                break
+            time.sleep(policy.delay(failed))
+        what = f"{self.url}/{key}" if key else self.url
+        raise ChunkReadError(
+            f"{what}: {failed} reads failed, the last with {type(last).__name__}: {last}; check the storage "
+            f"(endpoint, network, credentials) and retry; more tries: the reader's io_attempts") from last
+
+    def _take_prefetched(self, key: str) -> Future | None:
+        if not self._prefetchers:
+            return None
+        with self._prefetch_lock:
+            for p in self._prefetchers:
+                fut = p._take(key)
+                if fut is not None:
+                    return fut
+        return None
+
+    def read_bytes(self, key: str, count: bool = True) -> bytes | None:
+        fut = self._take_prefetched(key)
+        if fut is not None and not fut.cancelled():
+            try:
+                data = fut.result()
+            except CancelledError:  # its prefetcher was closed meanwhile
+                data = self.get(key)
+        else:
+            data = self.get(key)
+        if data is None:
             return None
         if count:
             self.count_read(len(data))
         return data
 
     def read_many(self, keys: list[str]) -> dict[str, bytes | None]:
-        """{key: bytes or None when absent}; concurrent requests on object stores."""
+        """{key: bytes or None when absent}; concurrent requests on object stores, each failed one
+        retried by `read_policy`."""
         if self.is_local or len(keys) < 2:
             return {k: self.read_bytes(k, count=False) for k in keys}
         paths = {self.path(k): k for k in keys}
-        got = self.fs.cat(list(paths), on_error="return")
+        try:
+            got = self.read_fs().cat(list(paths), on_error="return")
+        except Exception:  # the batch itself failed: read them one by one
+            got = {}
         out = {}
         for p, k in paths.items():
             v = got.get(p, got.get(p.lstrip("/")))
-            if isinstance(v, FileNotFoundError) or v is None:
+            if isinstance(v, FileNotFoundError):
                 out[k] = None
-            elif isinstance(v, BaseException):
+            elif isinstance(v, _FINAL_ERRORS):
                 raise v
+            elif v is None or isinstance(v, BaseException):
+                out[k] = self.get(k)
             else:
                 out[k] = v
         return out
+
+    def prefetcher(self, keys, depth: int, concurrency: int, policy: ReadPolicy | None = None) -> Prefetcher:
+        """GET `keys` ahead of their use (see Prefetcher); close it when done."""
+        return Prefetcher(self, keys, depth, concurrency, policy or self.read_policy)
 
     def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
         """(content, version): the version is the object's ETag on object stores (None on local disks),
@@ -350,3 +493,64 @@ class Storage:
         stale = [k for k in self.list_files(prefix) if is_temporary(k)]
         self.delete(stale)
         return stale
+
+
+class Prefetcher:
+    """GETs objects in the order given, `concurrency` at a time, ahead of their use: at most
+    `depth` fetched (or being fetched) and not yet taken, so memory stays at `depth` objects.
+    `Storage.read_bytes` of one of its keys takes the result (the bytes, or the ChunkReadError of
+    a GET that kept failing) and lets it start the next GET; a key asked for before its turn is
+    fetched at once, by the same threads and with the same retries. `close()` stops it: queued
+    GETs are dropped, a running one ends with its current attempt."""
+
+    def __init__(self, storage: Storage, keys, depth: int, concurrency: int, policy: ReadPolicy) -> None:
+        self.storage, self.policy = storage, policy
+        self.depth = max(1, int(depth))
+        self._keys = list(keys)
+        self._unsent = set(self._keys)
+        self._next = 0
+        self._futures: dict[str, Future] = {}
+        self._closed = False
+        self._pool = ThreadPoolExecutor(max(1, int(concurrency)), thread_name_prefix="actstore-get")
+        with storage._prefetch_lock:
+            storage._prefetchers.append(self)
+            self._top_up()
+
+    def _fetch(self, key: str) -> bytes | None:
+        return self.storage.get(key, self.policy)
+
+    def _top_up(self) -> None:  # holding the storage's prefetch lock
+        while not self._closed and len(self._futures) < self.depth and self._next < len(self._keys):
+            key = self._keys[self._next]
+            self._next += 1
+            if key in self._unsent:
+                self._unsent.discard(key)
+                self._futures[key] = self._pool.submit(self._fetch, key)
+
+    def _take(self, key: str) -> Future | None:  # holding the storage's prefetch lock
+        fut = self._futures.pop(key, None)
+        if fut is None and key in self._unsent and not self._closed:  # wanted before its turn
+            self._unsent.discard(key)
+            fut = self._pool.submit(self._fetch, key)
+        if fut is not None:
+            self._top_up()
+        return fut
+
+    @property
+    def pending(self) -> int:
+        """Objects fetched or being fetched, not yet taken."""
+        return len(self._futures)
+
+    def close(self) -> None:
+        with self.storage._prefetch_lock:
+            self._closed = True
+            if self in self.storage._prefetchers:
+                self.storage._prefetchers.remove(self)
+            self._futures.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

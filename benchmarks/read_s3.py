@@ -1,0 +1,181 @@
+"""Shuffled-reader throughput from an object store, beside raw concurrent GETs of the very same
+chunk objects at the same concurrency, in the same run (interleaved repetitions).
+
+    python benchmarks/read_s3.py                      # a moto S3 server on 127.0.0.1, started here
+    python benchmarks/read_s3.py --endpoint-url http://127.0.0.1:9000 --url s3://bucket/bench.zarr
+                                                      # any S3-compatible endpoint (MinIO, Ceph, R2,
+                                                      # AWS ...); credentials from the environment
+
+Baseline: every chunk object of the location GET whole, in a random order, `--concurrency` at a
+time, through the same client the reader uses (Storage.read_fs: no client-side retries, no SDK
+response checksum), bytes discarded, timed after one connecting GET. Reader: ShuffledReader with io_concurrency = the same
+concurrency, timed from the start of its iteration to its last batch (the epoch's metadata reads
+and the first window's load included).
+Both are reported in tokens/s of committed tokens (the baseline's bytes include the chunks'
+padding rows, which the reader also fetches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from activation_store import ShuffledReader
+from activation_store.store import ActivationStore, ImageRecord, StoreConfig, open_store
+from activation_store.store.layout import array_key, chunk_key
+from activation_store.store.storage import Storage
+from activation_store.synthetic import synthetic_activations
+
+LOC = "resid_22"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_moto():
+    from moto.server import ThreadedMotoServer
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1", "NO_PROXY": "127.0.0.1,localhost"}.items():
+        os.environ.setdefault(k, v)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    return server, f"http://127.0.0.1:{port}"
+
+
+def build_store(url: str, opts: dict, n_images: int, d: int, codec: str, chunk_images: int) -> ActivationStore:
+    store = ActivationStore.create(url, locations=[LOC], n_tokens=257, d_model=d, storage_options=opts,
+                                   config=StoreConfig(codec=codec, chunk_images=chunk_images, region_images=256))
+    per_shard = 256
+    n_shards = -(-n_images // per_shard)
+    store.plan_shards([(f"s{i}", min(per_shard, n_images - i * per_shard)) for i in range(n_shards)])
+    for i in range(n_shards):
+        n = min(per_shard, n_images - i * per_shard)
+        with store.writer(f"s{i}", compute_stats=False) as w:
+            for j in range(0, n, chunk_images):
+                k = min(chunk_images, n - j)
+                w.add({LOC: synthetic_activations(i * 1000 + j, k, 257, d, np.float16)},
+                      [ImageRecord(f"{i}-{j + t}") for t in range(k)])
+    return open_store(url, opts)
+
+
+def raw_get_rate(url: str, opts: dict, keys: list[str], concurrency: int, tokens: int, rng) -> dict:
+    """Tokens/s (and MB/s) of GETting every key whole, in a random order, `concurrency` at a time."""
+    storage = Storage(url, opts)
+    fs = storage.read_fs()
+    paths = [storage.path(keys[i]) for i in rng.permutation(len(keys))]
+    fs.cat_file(paths[0])  # connect (the reader's store is already open, too)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        nbytes = sum(len(b) for b in pool.map(fs.cat_file, paths))
+    dt = time.perf_counter() - t0
+    return {"tokens_s": tokens / dt, "MB_s": nbytes / dt / 1e6, "seconds": dt}
+
+
+def reader_rate(url: str, opts: dict, args, dtype: str) -> dict:
+    """Tokens/s of one epoch, timed from the start of iteration (the epoch's own metadata reads and
+    the first window's load included; the reader's construction, like the baseline's connection,
+    not)."""
+    store = open_store(url, opts)
+    reader = ShuffledReader(store, LOC, batch_size=args.batch_size, buffer_tokens=args.buffer_tokens,
+                            threads=args.threads, io_concurrency=args.concurrency, prefetch=args.prefetch,
+                            dtype=dtype, seed=1)
+    n = 0
+    t0 = time.perf_counter()
+    for x in reader:
+        n += x.shape[0]
+    dt = time.perf_counter() - t0
+    reader.close()
+    return {"tokens_s": n / dt, "tokens": n, "seconds": dt, "GETs": store.storage.get_attempts}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (default: start moto on 127.0.0.1)")
+    ap.add_argument("--url", default="s3://bench/read_s3.zarr", help="where the benchmark store is written")
+    ap.add_argument("--reuse", action="store_true", help="read the store already at --url instead of writing one")
+    ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--d-model", type=int, default=1024)
+    ap.add_argument("--codec", default="none")
+    ap.add_argument("--chunk-images", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=4096)
+    ap.add_argument("--buffer-tokens", type=int, default=16 * 16 * 257, help="tokens per window (default: 16 chunks)")
+    ap.add_argument("--threads", type=int, default=4, help="reader decode threads")
+    ap.add_argument("--concurrency", default="4,8", help="GETs in flight (comma list): baseline and io_concurrency")
+    ap.add_argument("--prefetch", type=int, default=16)
+    ap.add_argument("--dtypes", default="float16,float32")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--json", default="benchmarks/results/read_s3.json")
+    args = ap.parse_args(argv)
+
+    server = None
+    endpoint = args.endpoint_url
+    if endpoint is None:
+        server, endpoint = start_moto()
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=args.url.split("/")[2])
+    opts = {"endpoint_url": endpoint}
+    try:
+        if args.reuse:
+            store = open_store(args.url, opts)
+        else:
+            t0 = time.perf_counter()
+            store = build_store(args.url, opts, args.images, args.d_model, args.codec, args.chunk_images)
+            print(f"wrote {store.n_images} images to {args.url} in {time.perf_counter() - t0:.1f}s", flush=True)
+        keys = [chunk_key(array_key(LOC), c.index, 3) for c in store.chunk_refs(LOC)]
+        tokens = store.n_token_rows
+        rng = np.random.default_rng(0)
+        rows = []
+        for conc in (int(c) for c in args.concurrency.split(",")):
+            args.concurrency_now = conc
+            r: dict = {"concurrency": conc, "raw": [], **{dt: [] for dt in args.dtypes.split(",")}}
+            for _ in range(args.repeats):
+                r["raw"].append(raw_get_rate(args.url, opts, keys, conc, tokens, rng))
+                for dt in args.dtypes.split(","):
+                    a = argparse.Namespace(**{**vars(args), "concurrency": conc})
+                    r[dt].append(reader_rate(args.url, opts, a, dt))
+                print(f"concurrency {conc}: raw {r['raw'][-1]['tokens_s']:,.0f} tokens/s; " + "; ".join(
+                    f"{dt} {r[dt][-1]['tokens_s']:,.0f}" for dt in args.dtypes.split(",")), flush=True)
+            rows.append(r)
+    finally:
+        if server is not None:
+            server.stop()
+
+    print(f"\n{'GETs in flight':>14} {'rep':>3} {'raw GET tokens/s':>16} {'raw MB/s':>8} "
+          + " ".join(f"{'reader ' + dt:>16} {'x raw':>6}" for dt in args.dtypes.split(",")))
+    for r in rows:
+        for i, raw in enumerate(r["raw"]):
+            cells = " ".join(f"{r[dt][i]['tokens_s']:>16,.0f} {r[dt][i]['tokens_s'] / raw['tokens_s']:>6.2f}"
+                             for dt in args.dtypes.split(","))
+            print(f"{r['concurrency']:>14} {i + 1:>3} {raw['tokens_s']:>16,.0f} {raw['MB_s']:>8.0f} {cells}")
+    print(f"\n{store.n_images} images x 257 tokens x d {store.d_model} ({args.codec}), {len(keys)} chunk objects of "
+          f"{args.chunk_images} images; reader: windows of {args.buffer_tokens:,} tokens, prefetch {args.prefetch}, "
+          f"{args.threads} decode threads; endpoint {'moto on 127.0.0.1' if server else endpoint}")
+    meta = {"machine": {"cpus": len(os.sched_getaffinity(0)), "platform": platform.platform(),
+                        "load": os.getloadavg()},
+            "endpoint": "moto (127.0.0.1)" if server else endpoint, "images": store.n_images,
+            "d_model": store.d_model, "codec": args.codec, "chunk_objects": len(keys),
+            "buffer_tokens": args.buffer_tokens, "prefetch": args.prefetch, "threads": args.threads}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
