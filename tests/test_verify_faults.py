@@ -14,7 +14,6 @@ from activation_store.store import open_store
 from activation_store.store.audit import Pending, format_verify, verify
 from activation_store.store.images import from_parquet_bytes
 from store_helpers import write_shard
-from test_s3 import s3  # noqa: F401 - the moto S3 server fixture
 
 
 def _problems(url):
