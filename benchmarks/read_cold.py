@@ -27,15 +27,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from read_throughput import LOC, build_store  # noqa: E402
+from read_throughput import LOC, build_store, pread_pass, write_results  # noqa: E402
 
 
 def status_kb(field: str) -> int:
@@ -58,25 +55,6 @@ def drop_cache(files: list[str], system: bool) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-
-
-def pread_pass(files: list[str], threads: int) -> float:
-    """Seconds to read every file whole, in the given order, `threads` at a time."""
-    size = max(os.path.getsize(f) for f in files)
-    bufs: dict[int, bytearray] = {}
-
-    def read(f: str) -> int:
-        buf = bufs.setdefault(threading.get_ident(), bytearray(size))
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            return os.preadv(fd, [buf], 0)
-        finally:
-            os.close(fd)
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(read, files))
-    return time.perf_counter() - t0
 
 
 def reader_settings(args) -> dict:
@@ -163,7 +141,7 @@ def main(argv=None) -> int:
                        "pread": [], "reader": [], "reader_no_readahead": []}
             for _ in range(args.repeats):
                 drop_cache(files, args.drop_caches)
-                r["pread"].append({"tokens_s": store.n_token_rows / pread_pass(files, args.threads)})
+                r["pread"].append({"tokens_s": store.n_token_rows / pread_pass(files, args.threads)[1]})
                 drop_cache(files, args.drop_caches)
                 r["reader"].append(run_child({**spec, "readahead": True}))
                 drop_cache(files, args.drop_caches)
@@ -194,10 +172,7 @@ def main(argv=None) -> int:
     meta = {"machine": {"cpus": len(os.sched_getaffinity(0)), "platform": platform.platform(), "load": os.getloadavg()},
             "memory": args.memory, "threads": args.threads, "batch_size": args.batch_size, "dtype": args.dtype,
             "d_model": args.d_model, "drop_caches": args.drop_caches}
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
-        print(f"wrote {args.json}")
+    write_results(args.json, meta, rows)
     return 0
 
 

@@ -18,7 +18,6 @@ padding rows, which the reader also fetches).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import socket
@@ -32,6 +31,9 @@ import numpy as np
 from activation_store import ShuffledReader
 from activation_store.store import ActivationStore, ImageRecord, StoreConfig, open_store
 from activation_store.store.layout import array_key, chunk_key
+
+sys.path.insert(0, str(Path(__file__).parent))
+from read_throughput import write_results  # noqa: E402
 from activation_store.store.storage import Storage
 from activation_store.synthetic import synthetic_activations
 
@@ -170,10 +172,7 @@ def main(argv=None) -> int:
             "endpoint": "moto (127.0.0.1)" if server else endpoint, "images": store.n_images,
             "d_model": store.d_model, "codec": args.codec, "chunk_objects": len(keys),
             "buffer_tokens": args.buffer_tokens, "prefetch": args.prefetch, "threads": args.threads}
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
-        print(f"wrote {args.json}")
+    write_results(args.json, meta, rows)
     return 0
 
 

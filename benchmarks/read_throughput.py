@@ -74,8 +74,9 @@ def warm(files: list[str]) -> None:
                 pass
 
 
-def pread_rate(files: list[str], threads: int, rng) -> float:
-    """Bytes/s of reading every chunk file whole, in a random order, into reused buffers."""
+def pread_pass(files: list[str], threads: int) -> tuple[int, float]:
+    """(bytes, seconds) of reading every file whole, in the given order, `threads` at a time, with
+    one reused buffer per thread: the raw baseline of the reader benchmarks."""
     size = max(os.path.getsize(f) for f in files)
     bufs: dict[int, bytearray] = {}
 
@@ -87,11 +88,24 @@ def pread_rate(files: list[str], threads: int, rng) -> float:
         finally:
             os.close(fd)
 
-    order = [files[i] for i in rng.permutation(len(files))]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
-        total = sum(pool.map(read, order))
-    return total / (time.perf_counter() - t0)
+        total = sum(pool.map(read, files))
+    return total, time.perf_counter() - t0
+
+
+def pread_rate(files: list[str], threads: int, rng) -> float:
+    """Bytes/s of reading every chunk file whole, in a random order, into reused buffers."""
+    total, seconds = pread_pass([files[i] for i in rng.permutation(len(files))], threads)
+    return total / seconds
+
+
+def write_results(path: str | None, meta: dict, rows: list) -> None:
+    """The benchmark's JSON: {"meta": ..., "results": ...}, when --json was given."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+        print(f"wrote {path}")
 
 
 def decode_rate(store: ActivationStore, files: list[str], threads: int) -> float | None:
