@@ -375,9 +375,6 @@ class Engine:
         raw, f32 = self._scratch()
         direct = self.out_dtype == torch.float32  # convert into the output rows themselves
         gather_into_dst = self.storage_dtype == torch.float32
-        normalize = self.normalizer.mode != "none"
-        if normalize:
-            shift, scale = self.normalizer._tensors(f32)
         br = self.block_rows
         for s in range(0, n, br):
             e = min(s + br, n)
@@ -388,8 +385,7 @@ class Engine:
                 block = raw[:e - s]
                 torch.index_select(src, 0, idx[s:e], out=block)
                 dst.copy_(block.view(self.storage_dtype))
-            if normalize:
-                dst.sub_(shift).mul_(scale)
+            self.normalizer.apply_(dst)
             if not direct:
                 out[start + s:start + e].copy_(dst)
 

@@ -58,6 +58,13 @@ class Normalizer:
         shift, scale = self._tensors(x)
         return (x - shift) * scale
 
+    def apply_(self, x: torch.Tensor) -> torch.Tensor:
+        """`apply` in place (x float32): what the readers' gather threads do to each block."""
+        if self.mode == "none":
+            return x
+        shift, scale = self._tensors(x)
+        return x.sub_(shift).mul_(scale)
+
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         if self.mode == "none":
             return y
