@@ -182,11 +182,13 @@ def test_a_chunk_that_keeps_failing_raises_chunk_read_error_naming_it(s3, proxy,
 def test_a_slow_get_is_abandoned_and_retried(s3, proxy, url):
     _write(s3, url)
     want = _drain(OrderedReader(open_store(url, {"endpoint_url": s3}), "resid_2", batch_size=16))
-    proxy.delay_first["resid_2/c/1/0/0"] = 3.0
+    # the first GET of chunk 1 is held 6 s, four times the timeout: only a second GET can have
+    # delivered it (a loaded machine may need a third, for that or any chunk: not a failure)
+    proxy.delay_first["resid_2/c/1/0/0"] = 6.0
     store = open_store(url, {"endpoint_url": proxy.endpoint})
-    got = _drain(OrderedReader(store, "resid_2", batch_size=16, io_timeout=0.5, io_attempts=3))
+    got = _drain(OrderedReader(store, "resid_2", batch_size=16, io_timeout=1.5, io_attempts=4))
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    assert proxy.gets["resid_2/c/1/0/0"] == 2
+    assert proxy.gets["resid_2/c/1/0/0"] >= 2
 
 
 def test_a_missing_chunk_object_is_not_retried(s3, proxy, url):
