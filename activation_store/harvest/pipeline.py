@@ -44,6 +44,7 @@ _CHUNK = 4  # samples per decode task
 _CHUNKS_IN_FLIGHT_PER_WORKER = 16  # decoded images wait here for the forward: a bound on their memory
 _POLL_S = 0.2  # how often a waiting thread looks whether another stage has failed
 _MANAGER_JOIN_S = 30.0  # the executor's own thread ends within milliseconds once its workers are gone
+HOST_SLOTS = 3  # batches in host memory: one being filled, one queued, one being written
 
 _worker_transform = None
 _worker_min_size = 2
@@ -245,13 +246,12 @@ class ShardRunner:
         self.dev_free = [None, None]  # CUDA events: the copy out of dev[k] finished
         self.pix_free = [None, None]  # CUDA events: the copy of pixels[k] to the device finished
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
-        n_slots = 3
         self.slots = [
             _Slot(torch.empty((n_loc, b, t, d), dtype=self.storage_dtype, pin_memory=pin),
                   torch.empty((b,), dtype=torch.bool, pin_memory=pin),
                   torch.empty((n_loc, 2, 3, d), dtype=torch.float64, pin_memory=pin),
                   torch.empty((n_loc, 2), dtype=torch.int64, pin_memory=pin))
-            for _ in range(n_slots)
+            for _ in range(HOST_SLOTS)
         ]
         self.free_slots: queue.Queue[int] = queue.Queue()  # filled by run(), for each shard
         self.bytes_written = 0

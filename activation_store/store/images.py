@@ -9,7 +9,7 @@ its `percent_encoded` is true (docs/format.md). `decode_name` gives the original
 from __future__ import annotations
 
 import io
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from urllib.parse import unquote_to_bytes
 
 import pyarrow as pa
@@ -93,8 +93,9 @@ def decode_text(text: str) -> str:
 
 def to_parquet_bytes(records: list[ImageRecord], rows: list[int]) -> bytes:
     cols = {name: [] for name in SCHEMA.names}
+    names = [f.name for f in fields(ImageRecord)]
     for rec, row in zip(records, rows, strict=True):
-        d = asdict(rec)
+        d = {name: getattr(rec, name) for name in names}  # its values are str/int/None: asdict's deep copy cost 160 us an image
         d["row"] = row
         d["percent_encoded"] = not all(_is_utf8(d[c]) for c in STRING_COLUMNS if d[c] is not None)
         if d["percent_encoded"]:
