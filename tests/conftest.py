@@ -68,6 +68,11 @@ def _child_pids() -> set[int]:
                 continue
             if fields[1] == me and fields[0] != "Z":
                 out.add(int(name))
+    # multiprocessing's resource tracker is one per interpreter, started by the first shared memory
+    # (the harvest's decode ring): it ends when the interpreter closes its pipe, so it never holds the exit
+    from multiprocessing import resource_tracker
+
+    out.discard(getattr(resource_tracker._resource_tracker, "_pid", None))
     return out
 
 

@@ -24,6 +24,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from multiprocessing import shared_memory
 from typing import NoReturn
 
 import numpy as np
@@ -48,38 +49,85 @@ HOST_SLOTS = 3  # batches in host memory: one being filled, one queued, one bein
 
 _worker_transform = None
 _worker_min_size = 2
+_worker_ring: PixelRing | None = None
 
 
-def _init_worker(transform, min_size: int, in_child: bool = True) -> None:
-    global _worker_transform, _worker_min_size
+class PixelRing:
+    """Decoded pixels in shared memory: slots of one image each that decode workers fill in place,
+    so that only a slot's index crosses the process boundary, not a pickled 150 KB array (which the
+    harvest process would unpickle and copy under its GIL, image after image). The harvest process
+    owns the slots: it hands a free one out with every sample and takes it back once the pixels are
+    copied into a batch."""
+
+    def __init__(self, shape: tuple[int, int, int], slots: int, name: str | None = None) -> None:
+        self.shape, self.slots = tuple(shape), slots
+        nbytes = slots * int(np.prod(shape))
+        self.owner = name is None
+        # workers attach by name; forked and spawned ones share the owner's resource tracker, which
+        # keeps one entry per name, so the owner's unlink is the one that counts
+        self.shm = shared_memory.SharedMemory(create=True, size=nbytes) if self.owner else shared_memory.SharedMemory(name=name)
+        self.array = np.ndarray((slots, *self.shape), dtype=np.uint8, buffer=self.shm.buf)
+
+    def attach_args(self) -> tuple:
+        return self.shape, self.slots, self.shm.name
+
+    def close(self) -> None:
+        self.array = None  # the view must go before the buffer can
+        self.shm.close()
+        if self.owner:
+            try:
+                self.shm.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def _init_worker(transform, min_size: int, in_child: bool = True, ring_args: tuple | None = None) -> None:
+    global _worker_transform, _worker_min_size, _worker_ring
     _worker_transform, _worker_min_size = transform, min_size
+    if ring_args is not None:
+        _worker_ring = PixelRing(*ring_args)
     if in_child:
         torch.set_num_threads(1)  # decoding needs no torch threads; they would compete with the forward
 
 
-def _decode_task(sample: Sample) -> tuple[Sample, Decoded]:
+def _decode_task(sample: Sample, slot: int | None = None) -> tuple[Sample, Decoded]:
     if sample.status is not None:  # known bad before decoding (a truncated tar, an unreadable file)
         return sample, Decoded(None, sample.status, sample.error)
     decoded = decode_image(sample.data, _worker_transform, _worker_min_size)
     sample.data = None  # do not ship the bytes back
+    if slot is not None and decoded.pixels is not None and decoded.pixels.shape == _worker_ring.shape:
+        _worker_ring.array[slot] = decoded.pixels
+        decoded.pixels = slot  # the index, not the array: the harvest process reads the slot
     return sample, decoded
 
 
-def _decode_chunk(samples: list[Sample]) -> list[tuple[Sample, Decoded]]:
-    return [_decode_task(sample) for sample in samples]
+def _decode_chunk(samples: list[Sample], slots: list[int] | None = None) -> list[tuple[Sample, Decoded]]:
+    return [_decode_task(sample, None if slots is None else slots[i]) for i, sample in enumerate(samples)]
 
 
 class DecodePool:
     """Ordered parallel decoding: results come back in sample order, whatever the worker count.
     A worker that dies (killed for memory, say) fails the iteration with BrokenProcessPool instead
-    of leaving it waiting forever."""
+    of leaving it waiting forever. Given `pixel_shape` (the model's (H, W, 3)), workers decode into a
+    PixelRing in shared memory; where shared memory cannot be had (a container's small /dev/shm),
+    pixels come back pickled, as without it."""
 
-    def __init__(self, transform, workers: int, min_size: int, use_fork: bool) -> None:
+    def __init__(self, transform, workers: int, min_size: int, use_fork: bool,
+                 pixel_shape: tuple[int, int, int] | None = None) -> None:
         self.workers = workers
+        self.ring = None
         if workers > 0:
+            if pixel_shape is not None:
+                try:
+                    # every image that may be in flight has a slot: the chunks ahead of the consumer, one
+                    # being consumed, and those the feeder holds while it waits for the window
+                    self.ring = PixelRing(pixel_shape, (_CHUNKS_IN_FLIGHT_PER_WORKER * workers + 2) * _CHUNK)
+                except OSError:
+                    self.ring = None
             ctx = mp.get_context("fork" if use_fork else "spawn")
             self.pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                            initargs=(transform, min_size))
+                                            initargs=(transform, min_size, True,
+                                                      self.ring.attach_args() if self.ring else None))
         else:
             _init_worker(transform, min_size, in_child=False)
             self.pool = None
@@ -92,7 +140,7 @@ class DecodePool:
     def imap(self, samples):
         if self.pool is None:
             return map(_decode_task, samples)
-        return _OrderedDecode(self.pool, samples, _CHUNKS_IN_FLIGHT_PER_WORKER * self.workers)
+        return _OrderedDecode(self.pool, samples, _CHUNKS_IN_FLIGHT_PER_WORKER * self.workers, self.ring)
 
     def close(self) -> None:
         """Stop the workers at once, even mid-shard, and leave no thread that holds the interpreter's exit.
@@ -116,18 +164,30 @@ class DecodePool:
             p.join()
         if manager is not None:
             manager.join(timeout=_MANAGER_JOIN_S)
+        if self.ring is not None:  # no worker is left to write into it
+            self.ring.close()
+            self.ring = None
 
 
 class _OrderedDecode:
     """The decoded samples, in order, from a process pool: a feeder thread reads the samples and
     submits them in chunks, at most `window` chunks ahead of the consumer. A failure to read a
-    sample is raised in its place; so is a failed chunk (BrokenProcessPool for a dead worker)."""
+    sample is raised in its place; so is a failed chunk (BrokenProcessPool for a dead worker).
+    With a PixelRing, each sample goes out with a free slot, and an item's pixels are a view of
+    its slot: valid until the next item is asked for, when the slot goes back to the free list."""
 
-    def __init__(self, pool: ProcessPoolExecutor, samples, window: int) -> None:
+    def __init__(self, pool: ProcessPoolExecutor, samples, window: int, ring: PixelRing | None = None) -> None:
         self._pending: queue.Queue = queue.Queue(maxsize=window)  # futures, a read error, or None at the end
         self._stop = threading.Event()
         self._ready = iter(())
         self._ended = False
+        self._ring = ring
+        self._free: queue.Queue | None = None
+        self._lent: int | None = None  # the slot of the item last returned
+        if ring is not None:
+            self._free = queue.Queue()
+            for i in range(ring.slots):
+                self._free.put(i)
         threading.Thread(target=self._feed, args=(pool, iter(samples)), daemon=True).start()
 
     def _feed(self, pool: ProcessPoolExecutor, samples) -> None:
@@ -136,10 +196,22 @@ class _OrderedDecode:
                 chunk = list(itertools.islice(samples, _CHUNK))
                 if not chunk:
                     break
-                self._offer(pool.submit(_decode_chunk, chunk))
+                slots = self._take_slots(len(chunk)) if self._ring is not None else None
+                if self._stop.is_set():
+                    break
+                self._offer((pool.submit(_decode_chunk, chunk, slots), slots))
         except BaseException as exc:  # raised by the consumer, in order
             self._offer(exc)
         self._offer(None)
+
+    def _take_slots(self, n: int) -> list[int]:
+        slots: list[int] = []
+        while len(slots) < n and not self._stop.is_set():
+            try:
+                slots.append(self._free.get(timeout=_POLL_S))
+            except queue.Empty:
+                continue
+        return slots
 
     def _offer(self, item) -> None:
         while not self._stop.is_set():
@@ -153,20 +225,39 @@ class _OrderedDecode:
         return self
 
     def __next__(self) -> tuple[Sample, Decoded]:
+        if self._lent is not None:  # the consumer has copied the last item's pixels
+            self._free.put(self._lent)
+            self._lent = None
         while True:
             item = next(self._ready, None)
             if item is not None:
-                return item
+                return self._lend(item)
             if self._ended:
                 raise StopIteration
-            future = self._pending.get()
-            if future is None:
+            pending = self._pending.get()
+            if pending is None:
                 self._ended = True
                 raise StopIteration
-            if isinstance(future, BaseException):
+            if isinstance(pending, BaseException):
                 self._ended = True
-                raise future
-            self._ready = iter(future.result())
+                raise pending
+            future, slots = pending
+            self._ready = iter(self._give_back_unused(future.result(), slots))
+
+    def _give_back_unused(self, items: list[tuple[Sample, Decoded]], slots: list[int] | None) -> list:
+        """A chunk's results; the slots that its dropped images did not fill are free again at once."""
+        if slots is not None:
+            for (_, dec), slot in zip(items, slots):
+                if not isinstance(dec.pixels, int):
+                    self._free.put(slot)
+        return items
+
+    def _lend(self, item: tuple[Sample, Decoded]) -> tuple[Sample, Decoded]:
+        sample, dec = item
+        if isinstance(dec.pixels, int):
+            self._lent = dec.pixels
+            dec.pixels = self._ring.array[self._lent]
+        return sample, dec
 
     def close(self) -> None:
         self._stop.set()
