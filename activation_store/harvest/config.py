@@ -66,7 +66,13 @@ class HarvestConfig:
     storage_options: dict = option(default_factory=dict, help="fsspec options", cli=False)
     report: str | None = option(None, help="JSON report path ({rank} is replaced; default beside the store)")
     progress: bool = option(True, help="show a progress bar")
-    wait_for_plan_s: float = option(600.0, help="ranks > 0 wait this long for rank 0 to plan the store")
+    wait_for_plan_s: float = option(600.0, help="ranks > 0 wait this long for rank 0 to create the store and plan "
+                                    "their input shards, then stop with an error")
+    finish_other_ranks: bool = option(False, help="after this rank's own input shards, also harvest those of other "
+                                      "ranks that are not committed and that no live writer holds (what a dead rank "
+                                      "left); --images and --shards only")
+    wait_report_s: float = option(30.0, help="while waiting for the plan, say on stderr every this many seconds "
+                                  "what is not planned yet")
 
     def __post_init__(self) -> None:
         self.layers = _layers(self.layers)
@@ -77,6 +83,12 @@ class HarvestConfig:
             raise ConfigError("--out STORE is required")
         if self.batch_size < 1 or self.workers < 0 or self.shard_size < 1:
             raise ConfigError("batch size and shard size must be >= 1, workers >= 0")
+        if self.finish_other_ranks and self.urls:
+            raise ConfigError("--finish-other-ranks takes --images or --shards: with --urls each rank downloads only its "
+                              "own input shards, so rerun the rank that died (the same command and rank)")
+        if not self.wait_for_plan_s >= 0 or not self.wait_report_s > 0:
+            raise ConfigError(f"--wait-for-plan-s must be >= 0 and --wait-report-s > 0, got {self.wait_for_plan_s} "
+                              f"and {self.wait_report_s}")
 
     @property
     def locations(self) -> list[str]:

@@ -172,10 +172,19 @@ class Storage:
 
     # ---------------------------------------------------------------- reads and listings
     def exists(self, key: str = "") -> bool:
+        """Whether the object (or folder) is there now: on object stores not from a listing this
+        filesystem cached earlier, which would keep answering False for an object written since
+        (another process's, e.g. rank 0's store seen by a waiting rank)."""
+        self._forget_listing(key)
         return self.fs.exists(self.path(key))
 
     def is_file(self, key: str = "") -> bool:
+        self._forget_listing(key)
         return self.fs.isfile(self.path(key))
+
+    def _forget_listing(self, key: str) -> None:
+        if not self.is_local:
+            self.fs.invalidate_cache(self.path(key))  # the key's own entry and its folders'
 
     def read_fs(self):
         """The filesystem our object reads go through (on object stores: one whose client does not
