@@ -115,6 +115,17 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from activation_store.store.convert import convert
+
+    r = convert(_config(args, "convert"))
+    print(f"converted {r['converted']} of {r['shards']} committed input shards of {r['src']} into {r['dst']} "
+          f"({r['dtype']}, codec {r['codec']}; {r['skipped_committed']} were already converted): {r['images']:,} images"
+          + (f"; {r['uncommitted_in_src']} uncommitted shards of the source were left out" if r["uncommitted_in_src"]
+             else ""))
+    return 0
+
+
 def _fmt(value, spec: str = ".3f") -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -122,7 +133,7 @@ def _fmt(value, spec: str = ".3f") -> str:
 def cmd_demo(args) -> int:
     from activation_store.demo import run_demo
 
-    return run_demo(args.out, device=args.device)
+    return run_demo(args.out, device=args.device, store_dtype=args.store_dtype)
 
 
 def _config_type(spec: str):
@@ -207,6 +218,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                     "counters (CLIP-Scope) taken from the run. An SAE the format cannot represent exactly is refused.",
                     "TOML or YAML file with ExportConfig's fields (top level or an [export] table)")
 
+    _config_command(sub, wanted, "convert", cmd_convert, "activation_store.store.convert:ConvertConfig",
+                    "re-encode a store in another storage dtype (fp8: one byte per value) or codec preset",
+                    "Re-encode the committed input shards of SRC into a new store DST with another storage dtype "
+                    "(fp16, bf16, fp32, or fp8: float8 e4m3 with a scale per token) and/or codec preset, keeping "
+                    "every image's row, the image tables, and statistics of the stored values. Resumable: rerun "
+                    "the same command after a crash (kill -9 included); converted shards are skipped.",
+                    "TOML or YAML file with ConvertConfig's fields (top level or a [convert] table)")
+
     p = sub.add_parser("demo", help="the README's demo: bundled photos -> harvest -> store -> SAE -> eval report",
                        description="Harvest the bundled CC0 photos with ViT-L-14 (random weights when the "
                        "pretrained ones are not on this machine) into OUT/store.zarr, show info and verify, read "
@@ -214,6 +233,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                        "report to OUT/eval/report.html.")
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--store-dtype", default="fp16", choices=("fp16", "bf16", "fp32", "fp8"),
+                   help="the store the demo reads and trains on: the harvest's fp16, or its conversion (fp8: one "
+                   "byte per value)")
     p.set_defaults(func=cmd_demo)
     return parser
 

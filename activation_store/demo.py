@@ -18,11 +18,14 @@ SAMPLE_IMAGES = Path(__file__).parent / "sample_images"
 
 
 def run_demo(out: str, model: str = DEFAULT_MODEL, pretrained: str = DEFAULT_PRETRAINED, device: str = "cpu",
-             compute_dtype: str = "bf16", layers: str = DEFAULT_LAYERS) -> int:
+             compute_dtype: str = "bf16", layers: str = DEFAULT_LAYERS, store_dtype: str = "fp16") -> int:
+    """`store_dtype="fp8"`: the harvest's fp16 store is converted (`actstore convert`) to one byte per
+    value, OUT/store-fp8.zarr, and everything after the harvest reads that."""
     out_dir = Path(out)
     store_path = out_dir / "store.zarr"
-    if store_path.exists():
-        shutil.rmtree(store_path)
+    for path in (store_path, out_dir / "store-fp8.zarr"):
+        if path.exists():
+            shutil.rmtree(path)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not pretrained_reachable(model, pretrained):
         print(f"{model} weights '{pretrained}' are not available on this machine (no download here): "
@@ -38,6 +41,13 @@ def run_demo(out: str, model: str = DEFAULT_MODEL, pretrained: str = DEFAULT_PRE
     report = harvest(cfg)
     print(f"\nharvest: {report['images']['stored']} images stored at {report['images_per_s']:.2f} images/s "
           f"(random weights: {report['random_weights']}); report {report['report_path']}\n")
+    if store_dtype != "fp16":
+        from activation_store.store.convert import ConvertConfig, convert
+
+        converted = convert(ConvertConfig(src=str(store_path), dst=str(out_dir / f"store-{store_dtype}.zarr"),
+                                          store_dtype=store_dtype, progress=False))
+        print(f"converted to {store_dtype}: {converted['dst']} ({converted['images']} images)\n")
+        store_path = Path(converted["dst"])
     store = open_store(str(store_path))
     summary = info(store)
     (out_dir / "store-info.json").write_text(json.dumps(summary, indent=2))
@@ -72,6 +82,6 @@ def run_demo(out: str, model: str = DEFAULT_MODEL, pretrained: str = DEFAULT_PRE
                                  min_images=1, device=device))
     print(f"evaluated on {result['eval_images']} held-out images: mse {result['mse']:.4g}, explained variance "
           f"{result['explained_variance']:.3f}, L0 {result['l0']:.1f}")
-    print(f"\nwritten to {out_dir}/: store.zarr, harvest-report.json, store-info.json, {run.name}/, "
+    print(f"\nwritten to {out_dir}/: {store_path.name}, harvest-report.json, store-info.json, {run.name}/, "
           f"eval/report.html")
     return 0 if not problems else 1

@@ -285,14 +285,14 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(engine, "BLOCK_VALUES", 5 * 32)
 
 
-@pytest.mark.parametrize("storage_dtype", ["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("storage_dtype", ["fp16", "bf16", "fp32", "fp8"])
 @pytest.mark.parametrize("tokens", ["all", "patches", "cls"])
 def test_converted_batches_equal_the_storage_dtype_batches_converted(tmp_path, small_blocks, storage_dtype, tokens):
     s = make_store(str(tmp_path / storage_dtype), dtype=storage_dtype)
     s.plan_shards(list(SIZES))
     for seed, (src, n) in enumerate(SIZES):
         write_shard(s, src, seed, n)
-    native = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[storage_dtype]
+    native = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "fp8": "float32"}[storage_dtype]  # fp8: decoded
     kw = dict(tokens=tokens, batch_size=23, buffer_tokens=60, seed=7, return_ids=True, gather_threads=2)
     raw, raw_ids = drain(ShuffledReader(s, "resid_2", dtype=native, **kw))
     want = torch.cat(raw).float()

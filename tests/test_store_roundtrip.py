@@ -198,9 +198,9 @@ def test_opening_errors(store_factory, tmp_path):
         type(store).create(store.url, locations="2", n_tokens=3, d_model=4)
     meta_path = f"{store.url}/zarr.json"
     meta = json.load(open(meta_path))
-    meta["attributes"]["activation_store"]["format_version"] = "2.0"
+    meta["attributes"]["activation_store"]["format_version"] = "3.0"
     json.dump(meta, open(meta_path, "w"))
-    with pytest.raises(StoreVersionError, match=r"format 2\.0.*reads format 1\.x"):
+    with pytest.raises(StoreVersionError, match=r"format 3\.0.*reads format 1\.x and 2\.x"):
         open_store(store.url)
 
 

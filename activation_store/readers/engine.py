@@ -16,7 +16,10 @@ cores). A batch wanted in the storage dtype is gathered straight into its output
 (float32, normalised, another 16-bit type) is gathered and converted block by block:
 `block_rows` rows gathered into a small scratch in the storage dtype that stays in the L2 cache,
 then converted (and normalised, in place) into their rows of the output, so the conversion reads
-the cache, not memory, and no full-size temporary exists. Outputs come from a BatchPool: a batch
+the cache, not memory, and no full-size temporary exists. fp8 stores (codes plus a float32 scale per
+token) gather both and dequantise in the block: the e4m3 code, sign-extended to 16 bits, shifted left
+by 7 and masked with 0xBF80, is the float16 of value/256 exactly, so one float32 multiplication by
+256*scale gives E4M3[code] * scale bit for bit (torch's own float8 cast is ~9x slower here). Outputs come from a BatchPool: a batch
 stays the caller's for as long as anything refers to it (callers may keep every batch); memory
 nothing refers to any more is reused.
 
@@ -41,13 +44,14 @@ from activation_store.readers.config import ReaderConfig
 from activation_store.readers.normalize import Normalizer
 from activation_store.readers.selection import TokenSelection
 from activation_store.store import ChunkRef
-from activation_store.store.encoding import physical_dtype
+from activation_store.store.encoding import SCALE_DTYPE, is_quantized, physical_dtype
 from activation_store.store.layout import array_key, chunk_key, cls_array_key
 from activation_store.store.storage import ReadPolicy
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_STORAGE_VIEW = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-_RAW_TORCH = {"fp16": torch.float16, "bf16": torch.int16, "fp32": torch.float32}  # same bits as storage
+_STORAGE_VIEW = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp8": None}  # fp8: none
+_RAW_TORCH = {"fp16": torch.float16, "bf16": torch.int16, "fp32": torch.float32, "fp8": torch.uint8}  # same bits
+_FP8_MASK = -16512  # 0xBF80 as int16: sign, and the 7 bits of exponent and mantissa, of e4m3 << 7 as float16
 # values gathered per block on the converting path: 128 KB of fp16 read, 512 KB of float32
 # written (at d=1024, 128 rows), well inside a core's L2; large enough that the two torch calls
 # a block costs are noise
@@ -63,7 +67,8 @@ def window_plan(cfg: ReaderConfig, store, sel: TokenSelection) -> dict:
     budgets). With `memory`, the windows get what the budget leaves after the fixed buffers; a
     window holds at least one whole chunk."""
     d = store.d_model
-    item = np.dtype(physical_dtype(store.dtype)).itemsize
+    # bytes a stored value occupies in a window (fp8: its code and its share of the token's scale)
+    item = np.dtype(physical_dtype(store.dtype)).itemsize + (SCALE_DTYPE.itemsize / d if is_quantized(store.dtype) else 0)
     rows_per_chunk = store.region_images if sel.cls_only else store.chunk_images
     chunk_tokens = rows_per_chunk * (1 if sel.cls_only else store.n_tokens)
     chunk_bytes = chunk_tokens * d * item
@@ -77,21 +82,23 @@ def window_plan(cfg: ReaderConfig, store, sel: TokenSelection) -> dict:
         "staging": cfg.threads * chunk_bytes if sel.indices is not None else 0,
         "pinned": PINNED_OUTPUTS * cfg.batch_size * d * item if cfg.device.startswith("cuda") else 0,
         # a gather thread's block: rows in the storage dtype and as float32
-        "scratch": (cfg.gather_threads or default_gather_threads()) * max(1, BLOCK_VALUES // d) * d * (item + 4),
+        "scratch": int((cfg.gather_threads or default_gather_threads()) * max(1, BLOCK_VALUES // d) * d * (item + 4)),
     }
+    fixed = {k: int(v) for k, v in fixed.items()}  # fp8's item is fractional
     fixed_bytes = sum(fixed.values())
     if cfg.memory is not None:
-        window = (cfg.memory - fixed_bytes) // (2 * d * item)
+        window = int((cfg.memory - fixed_bytes) // (2 * d * item))
         if window < chunk_tokens:
-            need = fixed_bytes + 2 * chunk_tokens * d * item
+            need = int(fixed_bytes + 2 * chunk_tokens * d * item)
             raise ConfigError(f"memory {cfg.memory:,} bytes is too small for this store: two windows of one "
-                              f"chunk ({chunk_tokens:,} tokens x {d} x {item} bytes) and the fixed buffers need "
+                              f"chunk ({chunk_tokens:,} tokens x {d} x {item:g} bytes) and the fixed buffers need "
                               f"{need:,}; give at least that (or lower prefetch / threads)")
         window = int(window)
     else:
         window = max(int(cfg.buffer_tokens), chunk_tokens)
-    return {"window_tokens": window, "chunk_tokens": chunk_tokens, "window_bytes": window * d * item,
-            "fixed_bytes": fixed_bytes, "fixed": fixed, "total_bytes": 2 * window * d * item + fixed_bytes}
+    window_bytes = int(round(window * d * item))
+    return {"window_tokens": window, "chunk_tokens": chunk_tokens, "window_bytes": window_bytes,
+            "fixed_bytes": fixed_bytes, "fixed": fixed, "total_bytes": 2 * window_bytes + fixed_bytes}
 
 
 class Engine:
@@ -119,6 +126,10 @@ class Engine:
             b.fill(0)  # fault the pages in now, not while the first windows load
         # torch views of the same memory: index_select gathers rows ~6x faster than np.take here
         self.buffer_views = [torch.from_numpy(b.view(np.int16) if b.dtype == np.uint16 else b) for b in self.buffers]
+        # fp8: each window's per-token scales, beside its codes
+        self.quantized = is_quantized(store.dtype)
+        self.scale_buffers = [np.zeros(self.capacity, dtype=SCALE_DTYPE) for _ in range(2)] if self.quantized else []
+        self.scale_views = [torch.from_numpy(b) for b in self.scale_buffers]
         self.pool = ThreadPoolExecutor(cfg.threads, thread_name_prefix="actstore-read")
         self._readahead_pool = None
         self._local = threading.local()
@@ -128,10 +139,13 @@ class Engine:
         pin = self.cuda and torch.cuda.is_available()
         self.out = [torch.empty((cfg.batch_size, self.d), dtype=self.raw_dtype, pin_memory=pin)
                     for _ in range(PINNED_OUTPUTS)] if self.cuda else []
+        self.out_scales = [torch.empty((cfg.batch_size,), dtype=torch.float32, pin_memory=pin)
+                           for _ in range(PINNED_OUTPUTS)] if self.cuda and self.quantized else []
         self.out_ready = [None] * PINNED_OUTPUTS
         # on the CPU, a batch wanted in the storage dtype is gathered straight into a fresh tensor;
         # any other is gathered and converted block by block (see the module docstring)
-        self.fresh_native = (not self.cuda and normalizer.mode == "none" and self.out_dtype == self.storage_dtype)
+        self.fresh_native = (not self.cuda and normalizer.mode == "none" and self.out_dtype == self.storage_dtype
+                             and not self.quantized)
         self.block_rows = max(1, BLOCK_VALUES // self.d)
         self.batches = BatchPool((cfg.batch_size, self.d), self.raw_dtype if self.fresh_native else self.out_dtype)
         self.gather_threads = cfg.gather_threads or default_gather_threads()
@@ -194,25 +208,37 @@ class Engine:
     def _chunk_key(self, chunk: ChunkRef) -> str:
         return chunk_key(chunk.array_key, chunk.index, 2 if self.sel.cls_only else 3)
 
-    def _staging(self, chunk: ChunkRef) -> np.ndarray:
+    def _staging(self, chunk: ChunkRef) -> tuple[np.ndarray, np.ndarray | None]:
         shape = (chunk.rows_per_chunk, self.store.n_tokens, self.d)
         st = getattr(self._local, "staging", None)
-        if st is None or st.shape != shape:
-            st = self._local.staging = np.empty(shape, dtype=self.pdtype)
+        if st is None or st[0].shape != shape:
+            st = self._local.staging = (np.empty(shape, dtype=self.pdtype),
+                                        np.empty(shape[:2], dtype=SCALE_DTYPE) if self.quantized else None)
         return st
 
-    def _load_chunk(self, chunk: ChunkRef, buf: np.ndarray, offset: int) -> None:
+    def _load_chunk(self, chunk: ChunkRef, buf: np.ndarray, offset: int, scales: np.ndarray | None = None) -> None:
+        """A chunk into window buffer `buf` from token `offset` on (and, fp8, its scales into `scales`)."""
+        fetch_scales = self.store.fetch_scales_into
         if self.sel.cls_only:
             self.store.fetch_chunk_into(chunk.array_key, chunk.index, buf[offset:offset + chunk.rows_per_chunk])
+            if scales is not None:
+                fetch_scales(chunk.array_key, chunk.index, scales[offset:offset + chunk.rows_per_chunk])
         elif self.sel.indices is None:
             region = buf[offset:offset + self.chunk_tokens].reshape(chunk.rows_per_chunk, self.store.n_tokens, self.d)
             self.store.fetch_chunk_into(chunk.array_key, chunk.index, region)
+            if scales is not None:
+                fetch_scales(chunk.array_key, chunk.index,
+                             scales[offset:offset + self.chunk_tokens].reshape(chunk.rows_per_chunk, self.store.n_tokens))
         else:
-            staging = self._staging(chunk)
+            staging, staging_scales = self._staging(chunk)
             self.store.fetch_chunk_into(chunk.array_key, chunk.index, staging)
             k = self.sel.per_image
             region = buf[offset:offset + chunk.n_rows * k].reshape(chunk.n_rows, k, self.d)
             np.take(staging[:chunk.n_rows], self.sel.indices, axis=1, out=region)
+            if scales is not None:
+                fetch_scales(chunk.array_key, chunk.index, staging_scales)
+                np.take(staging_scales[:chunk.n_rows], self.sel.indices, axis=1,
+                        out=scales[offset:offset + chunk.n_rows * k].reshape(chunk.n_rows, k))
 
     def start_window(self, window: list[ChunkRef], slot: int) -> list[Future]:
         """Submit every chunk of a window; returns the futures and fills `self._layout[slot]`."""
@@ -222,7 +248,8 @@ class Engine:
             offsets.append(offset)
             offset += self._slot_tokens(u)
         self._layout[slot] = (window, offsets)
-        return [self.pool.submit(self._load_chunk, u, buf, off) for u, off in zip(window, offsets)]
+        scales = self.scale_buffers[slot] if self.quantized else None
+        return [self.pool.submit(self._load_chunk, u, buf, off, scales) for u, off in zip(window, offsets)]
 
     def _read_ahead(self, window: list[ChunkRef]) -> None:
         """Local disks: let the kernel start reading the first `threads` chunk files of a window
@@ -345,12 +372,15 @@ class Engine:
             return self.out[i]
         return self.batches.take(n)
 
-    def _scratch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-thread block scratch: rows in the storage dtype (raw bits), and float32 rows."""
+    def _scratch(self) -> tuple[torch.Tensor, ...]:
+        """Per-thread block scratch: rows in the storage dtype (raw bits), and float32 rows (fp8: also
+        the rows' scales and their 16-bit expansion)."""
         sc = getattr(self._local, "scratch", None)
         if sc is None:
             sc = self._local.scratch = (torch.empty((self.block_rows, self.d), dtype=self.raw_dtype),
-                                        torch.empty((self.block_rows, self.d), dtype=torch.float32))
+                                        torch.empty((self.block_rows, self.d), dtype=torch.float32),
+                                        torch.empty((self.block_rows, 1), dtype=torch.float32),
+                                        torch.empty((self.block_rows, self.d), dtype=torch.int16) if self.quantized else None)
         return sc
 
     def _gather_split(self, slot: int, idx: torch.Tensor, out: torch.Tensor, start: int) -> None:
@@ -371,8 +401,14 @@ class Engine:
         n = len(idx)
         if self.cuda or self.fresh_native:
             torch.index_select(src, 0, idx, out=out[start:start + n])
+            if self.cuda and self.quantized:
+                out_scales = self.out_scales[self._cuda_slot(out)]
+                torch.index_select(self.scale_views[slot], 0, idx, out=out_scales[start:start + n])
             return
-        raw, f32 = self._scratch()
+        if self.quantized:
+            self._gather_fp8(slot, idx, out, start)
+            return
+        raw, f32 = self._scratch()[:2]
         direct = self.out_dtype == torch.float32  # convert into the output rows themselves
         gather_into_dst = self.storage_dtype == torch.float32
         br = self.block_rows
@@ -389,10 +425,43 @@ class Engine:
             if not direct:
                 out[start + s:start + e].copy_(dst)
 
+    def _gather_fp8(self, slot: int, idx: torch.Tensor, out: torch.Tensor, start: int) -> None:
+        """fp8: codes and scales of rows `idx`, dequantised block by block (see the module docstring)
+        into out[start:start + len(idx)], normalised in float32 on the way."""
+        src, scale_src = self.buffer_views[slot], self.scale_views[slot]
+        raw, f32, sc, wide = self._scratch()
+        direct = self.out_dtype == torch.float32
+        n, br = len(idx), self.block_rows
+        for s in range(0, n, br):
+            e = min(s + br, n)
+            dst = out[start + s:start + e] if direct else f32[:e - s]
+            block, scale, bits = raw[:e - s], sc[:e - s], wide[:e - s]
+            torch.index_select(src, 0, idx[s:e], out=block)
+            torch.index_select(scale_src, 0, idx[s:e], out=scale[:, 0])
+            bits.copy_(block.view(torch.int8))  # sign-extended
+            bits.bitwise_left_shift_(7).bitwise_and_(_FP8_MASK)
+            dst.copy_(bits.view(torch.float16))  # value / 256, exactly
+            dst.mul_(scale.mul_(256.0))  # exact power-of-two step: one rounding, as E4M3[code] * scale
+            self.normalizer.apply_(dst)
+            if not direct:
+                out[start + s:start + e].copy_(dst)
+
+    def _cuda_slot(self, out: torch.Tensor) -> int:
+        return next(i for i, t in enumerate(self.out) if t.data_ptr() == out.data_ptr())
+
     def _finish(self, out_t: torch.Tensor, i: int, n: int) -> torch.Tensor:
         if not self.cuda:
             x = out_t if n == len(out_t) else out_t[:n]
             return x.view(self.storage_dtype) if self.fresh_native and self.raw_dtype != self.storage_dtype else x
+        if self.quantized:  # codes and scales travel (1 byte a value), the device dequantises
+            codes = out_t[:n].to(self.device, non_blocking=True)
+            scales = self.out_scales[i][:n].to(self.device, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+            self.out_ready[i] = ev
+            x = codes.view(torch.float8_e4m3fn).to(torch.float32) * scales.unsqueeze(1)
+            x = self.normalizer.apply(x)
+            return x if self.out_dtype == torch.float32 else x.to(self.out_dtype)
         raw = out_t[:n].view(self.storage_dtype)
         x = raw.to(self.device, non_blocking=True)
         ev = torch.cuda.Event()

@@ -23,14 +23,23 @@ from activation_store.errors import (
     StoreFormatError,
     StoreNotEmptyError,
     StoreNotFoundError,
-    StoreVersionError,
     UnknownLocationError,
 )
 from activation_store.faults import kill_point
 from activation_store.store import layout
 from activation_store.store.chunk_io import CRC_BYTES, ChunkCodec
 from activation_store.store.config import StoreConfig
-from activation_store.store.encoding import CodecSpec, array_encoding, fill_value, physical_dtype, to_float32
+from activation_store.store.encoding import (
+    FP8_ENCODING,
+    SCALE_DTYPE,
+    CodecSpec,
+    array_encoding,
+    dequantize_fp8,
+    fill_value,
+    is_quantized,
+    physical_dtype,
+    to_float32,
+)
 from activation_store.store.images import SCHEMA as IMAGES_SCHEMA
 from activation_store.store.images import from_parquet_bytes
 from activation_store.store.locations import parse_locations
@@ -122,6 +131,11 @@ def _creation_documents(root_attrs: dict, locs: list[str], n_tokens: int, d_mode
     """{key: zarr.json} of every object a store's creation writes, in order: the root last."""
     docs = {layout.node_key(layout.CLS_GROUP): group_document(), layout.node_key(layout.SHARDS_GROUP): group_document()}
     encoding = array_encoding(config.dtype)  # bf16 only: how readers without this package decode the uint16s
+    quantized = is_quantized(config.dtype)
+    if quantized:  # format 2.0: the per-token scales of every array, chunked as the array is
+        encoding = FP8_ENCODING
+        docs[layout.node_key(layout.SCALES_GROUP)] = group_document()
+        docs[layout.node_key(layout.scale_array_key(layout.CLS_GROUP))] = group_document()
     for loc in locs:
         for key, shape, chunks, tokens in (
             (layout.array_key(loc), (0, n_tokens, d_model), (config.chunk_images, n_tokens, d_model), "all"),
@@ -135,9 +149,18 @@ def _creation_documents(root_attrs: dict, locs: list[str], n_tokens: int, d_mode
                 serializer=codec.serializer(),
                 compressors=codec.compressors(),
                 attributes={layout.ARRAY_ATTR: {"location": loc, "tokens": tokens, "logical_dtype": config.dtype,
-                                                **({"encoding": encoding} if encoding else {})}},
+                                                **({"encoding": encoding} if encoding else {}),
+                                                **({"scales": layout.scale_array_key(key)} if quantized else {})}},
                 dimension_names=("image", "token", "channel") if tokens == "all" else ("image", "channel"),
             )
+            if quantized:
+                docs[layout.node_key(layout.scale_array_key(key))] = array_document(
+                    shape=shape[:-1], chunks=chunks[:-1], dtype=SCALE_DTYPE, fill_value=float("nan"),
+                    serializer=codec.serializer(), compressors=codec.compressors(SCALE_DTYPE.itemsize),
+                    attributes={layout.ARRAY_ATTR: {"location": loc, "tokens": tokens, "scales_of": key,
+                                                    "logical_dtype": "float32"}},
+                    dimension_names=("image", "token") if tokens == "all" else ("image",),
+                )
     docs[layout.node_key("")] = group_document({layout.ROOT_ATTR: root_attrs})
     return docs
 
@@ -234,7 +257,7 @@ class ActivationStore:
         storage = Storage(url, storage_options)
         codec = config.codec_spec()
         root_attrs = {
-            "format_version": layout.FORMAT_VERSION,
+            "format_version": layout.format_version_for(config.dtype),
             "software_version": __version__,
             "created_at": _now(),
             "model": model or {},
@@ -289,13 +312,7 @@ class ActivationStore:
             raise StoreFormatError(
                 f"{storage.url} is a Zarr group but not an activation store (no '{layout.ROOT_ATTR}' attributes)"
             )
-        major = layout.format_major(attrs["format_version"])
-        if major != layout.FORMAT_MAJOR:
-            raise StoreVersionError(
-                f"{storage.url} is activation-store format {attrs['format_version']}, but this software "
-                f"(activation-store {__version__}) reads format {layout.FORMAT_MAJOR}.x only; "
-                f"install a version of activation-store that supports format {major}.x"
-            )
+        layout.check_format_version(attrs["format_version"], storage.url, __version__)  # StoreVersionError
         try:
             return cls(storage, attrs, group)
         except (KeyError, TypeError, ValueError) as exc:  # ConfigError too: an invalid recorded config
@@ -341,9 +358,24 @@ class ActivationStore:
     def cls_array(self, location) -> zarr.Array:
         return self._node(layout.cls_array_key(self.check_location(location)))
 
-    def array_keys(self) -> list[str]:
-        """The keys of every main and CLS array."""
+    @property
+    def quantized(self) -> bool:
+        """Whether values are stored as codes with a scale per token (fp8, format 2.0)."""
+        return is_quantized(self.dtype)
+
+    @property
+    def lossy(self) -> bool:
+        """Whether the stored values differ from those given to the writer (a lossy preset, or fp8)."""
+        return self.codec.lossy or self.quantized
+
+    def data_array_keys(self) -> list[str]:
+        """The keys of every main and CLS array (not the scales)."""
         return [k for loc in self.locations for k in (layout.array_key(loc), layout.cls_array_key(loc))]
+
+    def array_keys(self) -> list[str]:
+        """The keys of every chunked array a shard writes: main and CLS arrays, and for fp8 their scales."""
+        keys = self.data_array_keys()
+        return keys + [layout.scale_array_key(k) for k in keys] if self.quantized else keys
 
     @property
     def capacity(self) -> int:
@@ -574,17 +606,34 @@ class ActivationStore:
         """The rows `_resolve_rows(start, stop)` of an array, chunk by chunk through
         `fetch_chunk_into`, `select`ed and concatenated; float32 unless raw."""
         buf = np.empty((rows_per_chunk, *tail), dtype=physical_dtype(self.dtype))
-        parts = []
+        scales = np.empty((rows_per_chunk, *tail[:-1]), dtype=SCALE_DTYPE) if self.quantized else None
+        parts, scale_parts = [], []
         for a, b in self._resolve_rows(start, stop):
             for c in range(a // rows_per_chunk, (b - 1) // rows_per_chunk + 1):
                 self.fetch_chunk_into(array_key, c, buf)
                 first = c * rows_per_chunk
-                parts.append(select(buf[max(a, first) - first:min(b, first + rows_per_chunk) - first]).copy())
+                rows = slice(max(a, first) - first, min(b, first + rows_per_chunk) - first)
+                parts.append(select(buf[rows]).copy())
+                if scales is not None:
+                    self.fetch_chunk_into(layout.scale_array_key(array_key), c, scales)
+                    scale_parts.append(select(scales[rows][..., None])[..., 0].copy())
+        out = self._joined(parts, select(buf[:0]))
+        if raw:
+            return out
+        if scales is not None:
+            return dequantize_fp8(out, self._joined(scale_parts, select(scales[:0][..., None])[..., 0]))
+        return to_float32(out, self.dtype)
+
+    @staticmethod
+    def _joined(parts: list[np.ndarray], empty: np.ndarray) -> np.ndarray:
         if len(parts) == 1:
-            out = parts[0]
-        else:
-            out = np.concatenate(parts) if parts else select(buf[:0]).copy()
-        return out if raw else to_float32(out, self.dtype)
+            return parts[0]
+        return np.concatenate(parts) if parts else empty.copy()
+
+    def fetch_scales_into(self, array_key: str, index: int, out: np.ndarray, what: str | None = None) -> None:
+        """fp8 stores: chunk `index` of the scales of an array (main: (rows, n_tokens), CLS: (rows,))
+        into float32 `out`, as `fetch_chunk_into` reads the codes."""
+        self.fetch_chunk_into(layout.scale_array_key(array_key), index, out, what)
 
     def read_chunk(self, location, index: int, raw: bool = False) -> np.ndarray:
         """Committed rows of main-array chunk `index`: (rows, tokens, d_model), float32 unless raw=True
@@ -599,12 +648,19 @@ class ActivationStore:
         self.fetch_chunk_into(ref.array_key, index, out,
                               f"chunk {key} (rows {ref.row_start}-{ref.row_stop - 1}, shard {layout.shard_name(ref.shard)})")
         out = out[: ref.n_rows]
-        return out if raw else to_float32(out, self.dtype)
+        if raw:
+            return out
+        if self.quantized:
+            scales = np.empty((ref.rows_per_chunk, self.n_tokens), dtype=SCALE_DTYPE)
+            self.fetch_scales_into(ref.array_key, index, scales)
+            return dequantize_fp8(out, scales[: ref.n_rows])
+        return to_float32(out, self.dtype)
 
     def read_rows(self, location, start: int = 0, stop: int | None = None, tokens: slice | None = None,
                   raw: bool = False) -> np.ndarray:
         """Images (rows, tokens, d_model) of a location, all tokens or the slice `tokens`; float32
-        unless raw=True (then the storage dtype; bf16 as its uint16 bit patterns).
+        unless raw=True (then the storage dtype; bf16 as its uint16 bit patterns, fp8 as its e4m3 codes,
+        whose scales `read_scales` gives).
 
         Rows are array rows (the `row` column of `images()`). With `stop` given: exactly rows
         [start, stop), every one of which must be committed (the range may run across input shards
@@ -615,6 +671,23 @@ class ActivationStore:
         tok = tokens or slice(None)
         return self._read(layout.array_key(loc), self.chunk_images, start, stop, (self.n_tokens, self.d_model),
                           lambda x: x[:, tok], raw)
+
+    def read_scales(self, location, start: int = 0, stop: int | None = None, cls: bool = False) -> np.ndarray:
+        """fp8 stores: the float32 scale of each token of the rows `read_rows` (`read_cls` when cls)
+        returns: (rows, n_tokens), or (rows,) for CLS."""
+        loc = self.check_location(location)
+        if not self.quantized:
+            raise ConfigError(f"{self.url} stores {self.dtype}, which has no scales (only fp8 stores have)")
+        key, per, tail = ((layout.cls_array_key(loc), self.region_images, ()) if cls else
+                          (layout.array_key(loc), self.chunk_images, (self.n_tokens,)))
+        buf = np.empty((per, *tail), dtype=SCALE_DTYPE)
+        parts = []
+        for a, b in self._resolve_rows(start, stop):
+            for c in range(a // per, (b - 1) // per + 1):
+                self.fetch_scales_into(key, c, buf)
+                first = c * per
+                parts.append(buf[max(a, first) - first:min(b, first + per) - first].copy())
+        return self._joined(parts, buf[:0])
 
     def read_cls(self, location, start: int = 0, stop: int | None = None, raw: bool = False) -> np.ndarray:
         """CLS tokens (rows, d_model) of the rows `read_rows` would return for the same `start` and
@@ -640,6 +713,7 @@ class ActivationStore:
         `refresh()` to see shards committed since. See docs/format.md, "Reading with xarray"."""
         from activation_store.store.xarray_view import open_dataarray
 
+        self._check_xarray()
         return open_dataarray(self, location, tokens=tokens, rows=rows, image_keys=image_keys)
 
     def to_xarray_dataset(self, locations=None, tokens: str = "all", rows=None, image_keys: bool = False):
@@ -647,7 +721,13 @@ class ActivationStore:
         DataArrays sharing their coordinates."""
         from activation_store.store.xarray_view import open_dataset
 
+        self._check_xarray()
         return open_dataset(self, locations, tokens=tokens, rows=rows, image_keys=image_keys)
+
+    def _check_xarray(self) -> None:
+        if self.quantized:
+            raise ConfigError(f"{self.url} stores fp8, which the xarray view does not decode yet; read it with "
+                              f"read_rows / read_cls or the readers, or `actstore convert` it to fp16")
 
     # ---------------------------------------------------------------- metadata and statistics
     def images(self, include_dropped: bool = False) -> pa.Table:
@@ -739,13 +819,17 @@ class ActivationStore:
         return self.stats_by_group(location)[tokens]
 
     def lossy_error(self, location) -> dict | None:
-        """Measured rounding error of a lossy store over committed shards, with the bound it must meet."""
-        if not self.codec.lossy:
+        """Measured error of a lossy store (lossy preset or fp8) over committed shards, with the
+        bound it must meet. `complete` is false when a shard's writer got values it could not measure
+        (codes quantised elsewhere, with no error passed along)."""
+        if not self.lossy:
             return None
         loc = self.check_location(location)
         max_abs = max_rel = sq_err = sq_val = 0.0
+        complete = True
         for s in self.committed_shards():
             e = s.commit.get("lossy_error", {}).get(loc)
+            complete &= bool(e) and s.commit.get("lossy_error_complete", True)
             if e:
                 max_abs, max_rel = max(max_abs, e["max_abs"]), max(max_rel, e["max_rel"])
                 sq_err, sq_val = sq_err + e["sum_sq_err"], sq_val + e["sum_sq"]
@@ -754,6 +838,7 @@ class ActivationStore:
             "max_rel": max_rel,
             "relative_rmse": float(np.sqrt(sq_err / sq_val)) if sq_val else 0.0,
             "bound": self.codec.error_bound(),
+            "complete": complete,
         }
 
 

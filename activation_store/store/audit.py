@@ -15,7 +15,7 @@ from tqdm import tqdm
 from activation_store.store import layout
 from activation_store.store.activation_store import ActivationStore, ShardInfo
 from activation_store.store.chunk_io import CRC_BYTES, crc_matches
-from activation_store.store.encoding import physical_dtype
+from activation_store.store.encoding import SCALE_DTYPE, physical_dtype
 from activation_store.store.images import from_parquet_bytes
 from activation_store.store.storage import is_temporary
 
@@ -89,11 +89,17 @@ def info(store: ActivationStore) -> dict:
     for loc in store.locations:
         main = _classify(regions, files, layout.array_key(loc), store.chunk_images)
         cls_objs = _classify(regions, files, layout.cls_array_key(loc), store.region_images)
+        if store.quantized:  # fp8: the scales are part of what a value costs
+            for objs, key, per in ((main, layout.array_key(loc), store.chunk_images),
+                                   (cls_objs, layout.cls_array_key(loc), store.region_images)):
+                scales = _classify(regions, files, layout.scale_array_key(key), per)
+                for part in ("committed", "pending", "orphan"):
+                    getattr(objs, part).update(getattr(scales, part))
         main_bytes = sum(main.committed.values())
         values = n_images * store.n_tokens * store.d_model
         entry = {
-            "committed_chunks": len(main.committed),
-            "pending_chunks": len(main.pending),
+            "committed_chunks": len(main.committed) // (2 if store.quantized else 1),
+            "pending_chunks": len(main.pending) // (2 if store.quantized else 1),
             "bytes_on_disk": sum(main.committed.values()) + sum(main.pending.values()) + sum(main.orphan.values()),
             "cls_bytes_on_disk": sum(cls_objs.committed.values()) + sum(cls_objs.pending.values()),
             "bytes_per_value": (main_bytes / values) if values else None,
@@ -103,7 +109,7 @@ def info(store: ActivationStore) -> dict:
         }
         if n_images and all(s.commit.get("stats_complete", True) for s in store.committed_shards()):
             entry["stats"] = {g: m.summary() for g, m in store.stats_by_group(loc).items()}
-        if store.codec.lossy:
+        if store.lossy:
             entry["lossy_error"] = store.lossy_error(loc)
         locations[loc] = entry
     a = store.attrs
@@ -174,7 +180,9 @@ def format_info(d: dict) -> str:
         )
         if e.get("lossy_error"):
             le = e["lossy_error"]
-            lines.append(f"{'':<10} lossy error: max rel {le['max_rel']:.3g}, relative RMSE {le['relative_rmse']:.3g}")
+            what = "fp8 quantisation error" if d["dtype"] == "fp8" else "lossy error"
+            lines.append(f"{'':<10} {what}: max rel {le['max_rel']:.3g}, relative RMSE {le['relative_rmse']:.3g}, max abs "
+                         f"{le['max_abs']:.3g}" + ("" if le.get("complete", True) else " (not measured for every shard)"))
     return "\n".join(lines)
 
 
@@ -308,19 +316,23 @@ def _verify_metadata(store: ActivationStore, problems: list[Problem]) -> int | N
     t, d, dtype = store.n_tokens, store.d_model, np.dtype(physical_dtype(store.dtype))
     capacities: dict[str, int] = {}
     for loc in store.locations:
-        for key, tail, per, what in (
-            (layout.array_key(loc), (t, d), store.chunk_images, f"the main array of {loc}"),
-            (layout.cls_array_key(loc), (d,), store.region_images, f"the CLS array of {loc}"),
-        ):
+        arrays = [
+            (layout.array_key(loc), (t, d), store.chunk_images, f"the main array of {loc}", dtype),
+            (layout.cls_array_key(loc), (d,), store.region_images, f"the CLS array of {loc}", dtype),
+        ]
+        if store.quantized:  # fp8: every array's companion of per-token scales
+            arrays += [(layout.scale_array_key(key), tail[:-1], per, f"the scales of {what[4:]}", np.dtype(SCALE_DTYPE))
+                       for key, tail, per, what, _ in arrays]
+        for key, tail, per, what, want_dtype in arrays:
             doc = _check_node(store, key, "array", what, problems)
             if doc is None:
                 continue
             shape = tuple(doc["shape"])
             chunks = tuple(doc["chunk_grid"]["configuration"]["chunk_shape"])
-            if shape[1:] != tail or chunks != (per, *tail) or doc["data_type"] != dtype.name:
+            if shape[1:] != tail or chunks != (per, *tail) or doc["data_type"] != want_dtype.name:
                 problems.append(Problem(f"{key}/zarr.json", (
                     f"{what} has shape {shape}, chunks {chunks} and dtype {doc['data_type']}; the root attributes "
-                    f"say (rows, {', '.join(map(str, tail))}), chunks {(per, *tail)} and {dtype.name}")))
+                    f"say (rows{''.join(', ' + str(n) for n in tail)}), chunks {(per, *tail)} and {want_dtype.name}")))
             capacities[key] = shape[0]
     if len(set(capacities.values())) > 1:
         first = next(iter(capacities))
@@ -420,10 +432,11 @@ def _verify_shard(store: ActivationStore, s: ShardInfo, files: dict[str, int]) -
     if n > s.capacity or n < 0:
         problems.append(Problem(s.name, f"commit says {n} rows, but {s.capacity} were planned"))
     for loc in store.locations:
-        for array_key, per, ndim, written in (
-            (layout.array_key(loc), store.chunk_images, 3, "chunks"),
-            (layout.cls_array_key(loc), store.region_images, 2, "cls_chunks"),
-        ):
+        arrays = [(layout.array_key(loc), store.chunk_images, 3, "chunks"),
+                  (layout.cls_array_key(loc), store.region_images, 2, "cls_chunks")]
+        if store.quantized:  # fp8: a chunk of scales beside every chunk of codes
+            arrays += [(layout.scale_array_key(key), per, ndim - 1, written) for key, per, ndim, written in arrays]
+        for array_key, per, ndim, written in arrays:
             indices = range(s.row_start // per, -(-s.row_stop // per))
             if written in c and c[written] != len(indices):
                 problems.append(Problem(s.name, f"commit says {c[written]} {written} per array, its {n} rows need {len(indices)}"))
@@ -528,6 +541,9 @@ def _array_layouts(store: ActivationStore) -> dict[str, tuple[int, int]]:
     for loc in store.locations:
         out[layout.array_key(loc)] = (store.chunk_images, 3)
         out[layout.cls_array_key(loc)] = (store.region_images, 2)
+        if store.quantized:
+            out[layout.scale_array_key(layout.array_key(loc))] = (store.chunk_images, 2)
+            out[layout.scale_array_key(layout.cls_array_key(loc))] = (store.region_images, 1)
     return out
 
 

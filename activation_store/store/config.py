@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, fields
 
 from activation_store.configs import option
 from activation_store.errors import ConfigError
-from activation_store.store.encoding import PRESETS, CodecSpec, canonical_dtype
+from activation_store.store.encoding import DTYPES, PRESETS, CodecSpec, canonical_dtype
 
 DEFAULT_CHUNK_IMAGES = 16  # 16 x 257 tokens = 4,112 rows, 8.4 MB in fp16 at d=1024: see docs/benchmarks.md
 DEFAULT_REGION_IMAGES = 1024
@@ -22,7 +22,8 @@ class StoreConfig:
         a multiple of chunk_images, so no chunk of either array is shared by two input shards.
     """
 
-    dtype: str = option("fp16", help="storage dtype", choices=("fp16", "bf16", "fp32"))
+    dtype: str = option("fp16", help="storage dtype (fp8: one byte per value, float8 e4m3 with a float32 scale "
+                        "per token; format 2.0, docs/format.md)", choices=DTYPES)
     codec: str = option(DEFAULT_CODEC, help="codec preset", choices=PRESETS, flag="--codec")
     zstd_level: int = option(1, help="zstd level of the compressed presets")
     keepbits: int | None = option(None, help="mantissa bits kept by the bitround preset (default: fp16 7, bf16 5, "
@@ -34,7 +35,7 @@ class StoreConfig:
     def __post_init__(self) -> None:
         self.dtype = canonical_dtype(self.dtype)
         if self.codec.startswith("bitround") and self.keepbits is None:
-            self.keepbits = {"fp16": 7, "bf16": 5, "fp32": 10}[self.dtype]
+            self.keepbits = {"fp16": 7, "bf16": 5, "fp32": 10}.get(self.dtype)  # fp8: refused by codec_spec()
         if self.chunk_images < 1:
             raise ConfigError(f"chunk_images must be >= 1, got {self.chunk_images}")
         if self.region_images < self.chunk_images or self.region_images % self.chunk_images:

@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
+from dataclasses import dataclass
+
 import numpy as np
 from crc32c import crc32c
 
@@ -29,10 +31,32 @@ from activation_store.errors import (
 from activation_store.store import layout
 from activation_store.store.chunk_io import ChunkCodec
 from activation_store.store.claims import DEFAULT_CLAIM_TIMEOUT_S, ShardClaim
-from activation_store.store.encoding import bitround, fill_value, nonfinite_rows, physical_dtype, to_float32, to_storage
+from activation_store.store.encoding import (
+    SCALE_DTYPE,
+    bitround,
+    dequantize_fp8,
+    fill_value,
+    nonfinite_rows,
+    nonfinite_tokens,
+    physical_dtype,
+    quantize_fp8,
+    to_float32,
+    to_storage,
+)
 from activation_store.store.images import OK, ImageRecord, to_parquet_bytes
 from activation_store.store.nodes import array_document, array_shape, read_document, shard_document
 from activation_store.store.stats import Moments
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """Activations already quantised to fp8 (by `harvest.quantize.quantize_fp8` on the device, or
+    read from another fp8 store): codes uint8 (B, n_tokens, d_model) and scales float32 (B, n_tokens).
+    `ShardWriter.add` of an fp8 store takes them in place of float activations."""
+
+    codes: np.ndarray
+    scales: np.ndarray
+
 
 class _LossyError:
     """Accumulates the measured error of the writer's rounding against the values it was given."""
@@ -50,6 +74,12 @@ class _LossyError:
         self.sum_sq_err += float(np.einsum("i,i->", err.ravel(), err.ravel(), dtype=np.float64))
         self.sum_sq += float(np.einsum("i,i->", given.ravel(), given.ravel(), dtype=np.float64))
 
+    def merge(self, e: Mapping) -> None:
+        """Add an error measured elsewhere (the same four figures)."""
+        self.max_abs, self.max_rel = max(self.max_abs, float(e["max_abs"])), max(self.max_rel, float(e["max_rel"]))
+        self.sum_sq_err += float(e["sum_sq_err"])
+        self.sum_sq += float(e["sum_sq"])
+
     def to_dict(self) -> dict:
         return {"max_abs": self.max_abs, "max_rel": self.max_rel, "sum_sq_err": self.sum_sq_err, "sum_sq": self.sum_sq}
 
@@ -58,7 +88,8 @@ class ShardWriter:
     """Writes one planned input shard. Use as a context manager or call `commit()`.
 
     `add(activations, images)` takes `{location: array (B, n_tokens, d_model)}` (any float dtype,
-    or uint16 bf16 bit patterns for a bf16 store) for B stored images plus their metadata;
+    or uint16 bf16 bit patterns for a bf16 store, or `Quantized` codes and scales for an fp8 store)
+    for B stored images plus their metadata;
     `add_dropped(images)` records images that were not stored (with their reason in `status`).
 
     The writer holds the shard's claim from its start to its commit, or to `close()` (which a `with`
@@ -90,6 +121,10 @@ class ShardWriter:
         pdt = physical_dtype(store.dtype)
         self._buf = {loc: np.full((ci, t, d), fill_value(store.dtype), dtype=pdt) for loc in store.locations}
         self._cls_buf = {loc: np.full((ri, d), fill_value(store.dtype), dtype=pdt) for loc in store.locations}
+        # fp8: the scales of the staged rows, written beside their codes (NaN padding, as the codes')
+        self._quantized = store.quantized
+        self._sbuf = {loc: np.full((ci, t), np.nan, SCALE_DTYPE) for loc in store.locations} if self._quantized else {}
+        self._cls_sbuf = {loc: np.full((ri,), np.nan, SCALE_DTYPE) for loc in store.locations} if self._quantized else {}
         self._fill = 0  # rows in the current chunk buffer
         self._cls_fill = 0
         self._next_row = shard.row_start
@@ -99,7 +134,8 @@ class ShardWriter:
         self._records: list[ImageRecord] = []
         self._rows: list[int] = []
         self._moments = {loc: {g: Moments(d) for g in layout.MOMENT_GROUPS} for loc in store.locations}
-        self._lossy = {loc: _LossyError() for loc in store.locations} if store.codec.lossy else None
+        self._lossy = {loc: _LossyError() for loc in store.locations} if store.lossy else None
+        self._lossy_complete = True  # false once codes arrive without their measured error
         # encoding and writing release the GIL: one thread per location keeps the cores busy
         n_threads = threads or min(len(store.locations), len(os.sched_getaffinity(0)) * 2)
         self._pool = ThreadPoolExecutor(n_threads) if n_threads > 1 else None
@@ -150,8 +186,13 @@ class ShardWriter:
         for loc in st.locations:
             first, last = s.row_start // st.chunk_images, (s.row_start + s.region_rows) // st.chunk_images
             keys += [layout.chunk_key(layout.array_key(loc), c, 3) for c in range(first, last)]
+            if st.quantized:
+                keys += [layout.chunk_key(layout.scale_array_key(layout.array_key(loc)), c, 2) for c in range(first, last)]
             first, last = s.row_start // st.region_images, (s.row_start + s.region_rows) // st.region_images
             keys += [layout.chunk_key(layout.cls_array_key(loc), c, 2) for c in range(first, last)]
+            if st.quantized:
+                keys += [layout.chunk_key(layout.scale_array_key(layout.cls_array_key(loc)), c, 1)
+                         for c in range(first, last)]
         keys.append(layout.shard_images_key(s.index))
         moments = layout.shard_moments_key(s.index)
         keys += [f"{moments}/zarr.json"] + [layout.chunk_key(moments, i, 4) for i in range(len(st.locations))]
@@ -172,9 +213,17 @@ class ShardWriter:
         missing = set(st.locations) - {str(k) for k in activations}
         if missing:
             raise ConfigError(f"add() needs every location of the store; missing {sorted(missing)}")
-        acts = {str(k): np.asarray(v) for k, v in activations.items() if str(k) in st.locations}
+        acts = {str(k): (v if isinstance(v, Quantized) else np.asarray(v)) for k, v in activations.items()
+                if str(k) in st.locations}
         b = len(images)
         for loc, x in acts.items():
+            if isinstance(x, Quantized):
+                if not self._quantized:
+                    raise ConfigError(f"{loc}: fp8 codes given to a writer of a {st.dtype} store; give float activations")
+                if x.codes.shape != (b, st.n_tokens, st.d_model) or x.scales.shape != (b, st.n_tokens):
+                    raise ConfigError(f"{loc}: expected codes ({b}, {st.n_tokens}, {st.d_model}) and scales ({b}, "
+                                      f"{st.n_tokens}) for {b} images, got {x.codes.shape} and {x.scales.shape}")
+                continue
             if x.shape != (b, st.n_tokens, st.d_model):
                 raise ConfigError(
                     f"{loc}: expected activations of shape ({b}, {st.n_tokens}, {st.d_model}) for {b} images, got {x.shape}"
@@ -186,8 +235,11 @@ class ShardWriter:
                 f"input shard {self.shard.source!r} was planned for {self.shard.capacity} images, "
                 f"but {self.n_rows + b} were added; plan it with its true image count"
             )
-        stored = {}
+        stored, scales = {}, {}
         for loc, x in acts.items():
+            if self._quantized:
+                stored[loc], scales[loc] = self._quantize(loc, x, images)
+                continue
             raw = to_storage(x, st.dtype)
             if st.codec.lossy:
                 raw = bitround(np.array(raw, copy=True), st.dtype, st.codec.keepbits)
@@ -203,7 +255,7 @@ class ShardWriter:
         if moments is not None and self.compute_stats:
             raise ConfigError("pass moments to add() only to a writer made with compute_stats=False")
         try:
-            self._store_batch(stored, b)
+            self._store_batch(stored, b, scales)
         except BaseException as exc:  # a refused write (full disk, ...): this writer cannot go on
             self._abort(exc)
             raise
@@ -218,22 +270,58 @@ class ShardWriter:
             self._rows.append(self._next_row)
             self._next_row += 1
 
-    def _store_batch(self, stored: dict[str, np.ndarray], b: int) -> None:
+    def _quantize(self, loc: str, x, images: Sequence[ImageRecord]) -> tuple[np.ndarray, np.ndarray]:
+        """fp8: codes and scales of one location's batch, its error measured against the values given.
+        Non-finite input is refused, as for every dtype (a NaN or inf would poison its token's scale)."""
+        if isinstance(x, Quantized):
+            self._lossy_complete = False  # until add_lossy_error brings the error measured where it was quantised
+            return np.ascontiguousarray(x.codes, dtype=np.uint8), np.ascontiguousarray(x.scales, dtype=SCALE_DTYPE)
+        if x.dtype == np.uint16:
+            raise ConfigError("uint16 input is taken as bf16 bit patterns, but this store's dtype is fp8; give floats")
+        with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, refused below by name
+            xf = np.asarray(x, dtype=np.float32)
+        bad = nonfinite_tokens(xf)
+        if bad is not None:
+            keys = [images[i].key for i in np.flatnonzero(bad)[:5]]
+            raise NonFiniteActivationError(
+                f"{loc}: activations of images {keys} are NaN/inf (in float32); fp8 stores only finite values: "
+                f"compute in a wider dtype or drop these images with add_dropped()"
+            )
+        codes, scales = quantize_fp8(xf)
+        self._lossy[loc].add(xf, dequantize_fp8(codes, scales))
+        return codes, scales
+
+    def add_lossy_error(self, errors: Mapping[str, Mapping]) -> None:
+        """Merge the quantisation error of codes given as `Quantized` ({location: {max_abs, max_rel,
+        sum_sq_err, sum_sq}}, as `harvest.quantize.quantization_error` measures it) into the commit
+        record; without it, a writer given codes records its error as incomplete."""
+        self._check_open()
+        if self._lossy is None:
+            raise ConfigError(f"{self.store.url} stores {self.store.dtype} without loss: there is no error to record")
+        for loc, e in errors.items():
+            self._lossy[self.store.check_location(loc)].merge(e)
+        self._lossy_complete = True
+
+    def _store_batch(self, stored: dict[str, np.ndarray], b: int, scales: dict[str, np.ndarray] | None = None) -> None:
         """Whole chunks of the batch straight to storage, the rest into the staging buffers."""
         st = self.store
         ci, ri = st.chunk_images, st.region_images
-        direct: list[tuple[str, int, np.ndarray, int]] = []  # whole chunks straight from this batch
+        scales = scales or {}
+        direct: list[tuple] = []  # whole chunks straight from this batch
         pos = 0
         while pos < b:
             if self._fill == 0 and b - pos >= ci:
                 index = self.shard.row_start // ci + self._chunks_written
-                direct += [(loc, index, stored[loc][pos:pos + ci], ci) for loc in st.locations]
+                direct += [(loc, index, stored[loc][pos:pos + ci], ci,
+                            scales[loc][pos:pos + ci] if self._quantized else None) for loc in st.locations]
                 self._chunks_written += 1
                 take = ci
             else:
                 take = min(b - pos, ci - self._fill)
                 for loc, raw in stored.items():
                     self._buf[loc][self._fill:self._fill + take] = raw[pos:pos + take]
+                    if self._quantized:
+                        self._sbuf[loc][self._fill:self._fill + take] = scales[loc][pos:pos + take]
                 self._fill += take
                 if self._fill == ci:
                     self._flush_chunk()  # before the staging buffer is refilled
@@ -242,6 +330,8 @@ class ShardWriter:
                 n = min(take - done, ri - self._cls_fill)
                 for loc, raw in stored.items():
                     self._cls_buf[loc][self._cls_fill:self._cls_fill + n] = raw[pos + done:pos + done + n, 0]
+                    if self._quantized:
+                        self._cls_sbuf[loc][self._cls_fill:self._cls_fill + n] = scales[loc][pos + done:pos + done + n, 0]
                 self._cls_fill += n
                 done += n
                 if self._cls_fill == ri:
@@ -269,16 +359,18 @@ class ShardWriter:
     def _write_chunk(self, array_key: str, index: int, buf: np.ndarray) -> None:
         self.store.storage.write_chunk(layout.chunk_key(array_key, index, buf.ndim), self._codec[array_key].encode(buf))
 
-    def _write_main(self, items: list[tuple[str, int, np.ndarray, int]]) -> None:
-        """Write whole main-array chunks (location, chunk index, data, valid rows) in parallel, with
-        their statistics when the writer computes them."""
+    def _write_main(self, items: list[tuple]) -> None:
+        """Write whole main-array chunks (location, chunk index, data, valid rows, fp8 scales or None)
+        in parallel, with their statistics (of the stored values) when the writer computes them."""
         st = self.store
 
         def write(item):
-            loc, index, chunk, n = item
+            loc, index, chunk, n, scales = item
             self._write_chunk(layout.array_key(loc), index, chunk)
+            if scales is not None:
+                self._write_chunk(layout.scale_array_key(layout.array_key(loc)), index, scales)
             if self.compute_stats:
-                x = to_float32(chunk[:n], st.dtype)
+                x = dequantize_fp8(chunk[:n], scales[:n]) if scales is not None else to_float32(chunk[:n], st.dtype)
                 return Moments.of(x[:, 0]), Moments.of(x[:, 1:])
             return None
 
@@ -296,8 +388,10 @@ class ShardWriter:
         if n < st.chunk_images:
             for buf in self._buf.values():
                 buf[n:] = fill_value(st.dtype)  # the padding of a shard's last chunk reads as NaN
+            for buf in self._sbuf.values():
+                buf[n:] = np.nan
         index = self.shard.row_start // st.chunk_images + self._chunks_written
-        self._write_main([(loc, index, self._buf[loc], n) for loc in st.locations])
+        self._write_main([(loc, index, self._buf[loc], n, self._sbuf.get(loc)) for loc in st.locations])
         self._chunks_written += 1
         self._fill = 0
 
@@ -310,6 +404,11 @@ class ShardWriter:
             if n < st.region_images:
                 buf[n:] = fill_value(st.dtype)
             self._write_chunk(layout.cls_array_key(loc), index, buf)
+            if self._quantized:
+                sbuf = self._cls_sbuf[loc]
+                if n < st.region_images:
+                    sbuf[n:] = np.nan
+                self._write_chunk(layout.scale_array_key(layout.cls_array_key(loc)), index, sbuf)
 
         self._map_locations(flush)
         self._cls_chunks_written += 1
@@ -360,6 +459,8 @@ class ShardWriter:
         }
         if self._lossy is not None:
             commit["lossy_error"] = {loc: e.to_dict() for loc, e in self._lossy.items()}
+            if not self._lossy_complete:
+                commit["lossy_error_complete"] = False  # codes were given without their measured error
         self._claim.check()  # ShardClaimedError if another writer took the shard over meanwhile
         self._set_state(layout.COMMITTED, commit)
         return commit
