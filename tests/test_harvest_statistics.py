@@ -26,7 +26,7 @@ def _assert_stats_of_stored_values(store, expected_images: int):
             np.testing.assert_array_equal(got.absmax, ref.absmax)
 
 
-@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32", "fp8"])
 def test_recorded_statistics_are_those_of_the_stored_values(tmp_path, dtype):
     make_images(tmp_path / "imgs", 11)
     cfg = cfg_for(tmp_path / "s", images=str(tmp_path / "imgs"))
@@ -35,7 +35,8 @@ def test_recorded_statistics_are_those_of_the_stored_values(tmp_path, dtype):
     _assert_stats_of_stored_values(open_store(str(tmp_path / "s")), 11)
 
 
-def test_an_image_with_nan_activations_is_dropped_counted_and_kept_out_of_the_statistics(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", ["fp16", "fp8"])
+def test_an_image_with_nan_activations_is_dropped_counted_and_kept_out_of_the_statistics(tmp_path, monkeypatch, dtype):
     make_images(tmp_path / "imgs", 10)
     original = LoadedViT.forward
     calls = {"n": 0}
@@ -52,7 +53,9 @@ def test_an_image_with_nan_activations_is_dropped_counted_and_kept_out_of_the_st
         return original(self, x, poisoned if sink is not None else None)
 
     monkeypatch.setattr(LoadedViT, "forward", forward_with_a_nan)
-    report = harvest(cfg_for(tmp_path / "s", images=str(tmp_path / "imgs")))
+    cfg = cfg_for(tmp_path / "s", images=str(tmp_path / "imgs"))
+    cfg.store.dtype = dtype
+    report = harvest(cfg)
     store = open_store(str(tmp_path / "s"))
     assert report["images"]["by_status"].get("nonfinite_activation") == 1
     images = store.images(include_dropped=True).to_pylist()
@@ -68,3 +71,32 @@ def test_device_moments_flag_exactly_the_images_that_are_not_finite():
     assert bad.tolist() == [True, False, True, False]
     _, counts, bad = pipeline._device_moments(torch.randn(2, 4, 9, 8))
     assert not bad.any() and counts.tolist() == [[4, 32], [4, 32]]
+
+
+def test_an_fp8_harvest_stores_the_codes_of_the_float32_activations_and_their_measured_error(tmp_path):
+    """The device quantises what an fp32 harvest of the same images stores: the same codes and
+    scales as the store's own numpy encoder gives for those values, and the error it records is
+    the error of exactly those codes."""
+    from activation_store.store.encoding import dequantize_fp8, quantize_fp8
+
+    make_images(tmp_path / "imgs", 7)
+    stores = {}
+    for dtype in ("fp32", "fp8"):
+        cfg = cfg_for(tmp_path / dtype, images=str(tmp_path / "imgs"))
+        cfg.store.dtype = dtype
+        harvest(cfg)
+        stores[dtype] = open_store(str(tmp_path / dtype))
+    exact, fp8 = stores["fp32"], stores["fp8"]
+    assert fp8.dtype == "fp8"
+    for loc in exact.locations:
+        x = exact.read_rows(loc)
+        codes, scales = quantize_fp8(x)
+        np.testing.assert_array_equal(fp8.read_rows(loc, raw=True), codes)
+        np.testing.assert_array_equal(fp8.read_scales(loc), scales)
+        stored = dequantize_fp8(codes, scales)
+        np.testing.assert_array_equal(fp8.read_rows(loc), stored)
+        e = fp8.lossy_error(loc)
+        assert e["complete"]
+        np.testing.assert_allclose(e["max_abs"], np.abs(stored - x).max(), rtol=1e-6)
+        rel_rmse = np.sqrt(((stored.astype(np.float64) - x) ** 2).sum() / (x.astype(np.float64) ** 2).sum())
+        np.testing.assert_allclose(e["relative_rmse"], rel_rmse, rtol=1e-5)

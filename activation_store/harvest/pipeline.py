@@ -16,9 +16,11 @@ The shard stays uncommitted, so a rerun redoes it from scratch."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing as mp
 import queue
+import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -35,17 +37,23 @@ from activation_store.errors import ActivationStoreError, HarvestError
 from activation_store.faults import kill_point
 from activation_store.harvest.decode import NONFINITE, Decoded, decode_image
 from activation_store.harvest.model import LoadedViT
+from activation_store.harvest.quantize import dequantize_fp8, quantize_fp8
 from activation_store.harvest.sources import InputShard, Sample
 from activation_store.store import ImageRecord
+from activation_store.store.writer import Quantized
 from activation_store.store.layout import MOMENT_GROUPS
 from activation_store.store.stats import Moments
 
-STORAGE_TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# the dtype the forward's outputs are copied into: the storage dtype, or float32 for fp8, which is
+# quantised from float32 (on the device) and shipped as codes and scales
+STORAGE_TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float32}
+_ERROR_FIGURES = 4  # per image: max_abs, max_rel, sum_sq_err, sum_sq (ShardWriter.add_lossy_error's)
 _CHUNK = 4  # samples per decode task
 _CHUNKS_IN_FLIGHT_PER_WORKER = 16  # decoded images wait here for the forward: a bound on their memory
 _POLL_S = 0.2  # how often a waiting thread looks whether another stage has failed
 _MANAGER_JOIN_S = 30.0  # the executor's own thread ends within milliseconds once its workers are gone
 HOST_SLOTS = 3  # batches in host memory: one being filled, one queued, one being written
+GIL_SWITCH_INTERVAL_S = 0.0005  # see _short_gil_turns
 
 _worker_transform = None
 _worker_min_size = 2
@@ -306,14 +314,33 @@ def _raise_failure(shard: InputShard, stage: str, exc: BaseException) -> NoRetur
         f"{todo}, then rerun the same command: committed shards are skipped and this one is redone") from exc
 
 
+@contextlib.contextmanager
+def _short_gil_turns():
+    """The interpreter's GIL switch interval made short while a shard runs, then restored. Why: the
+    store's writer threads give the GIL up at every system call (open, CRC, writev, close) and must
+    take it back; at the default 5 ms they queue behind the main thread's Python (the convoy effect)
+    and the writes, the harvest's limit, stall."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(min(before, GIL_SWITCH_INTERVAL_S))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
+
+
 @dataclass
 class _Slot:
-    """Pinned host memory for one batch: activations, per-image finiteness, statistics."""
+    """Pinned host memory for one batch: activations, per-image finiteness, statistics; for fp8
+    stores the codes, scales and per-image quantisation error (and, on the CPU only, the float32
+    values the forward writes and the codes are made from)."""
 
-    acts: torch.Tensor  # (n_locations, B, T, D) storage dtype
+    acts: torch.Tensor  # (n_locations, B, T, D) storage dtype (float32 for fp8; empty for fp8 on CUDA)
     bad: torch.Tensor  # (B,) bool
     stats: torch.Tensor  # (n_locations, 2, 3, D) float64: mean, M2, absmax per token group
     counts: torch.Tensor  # (n_locations, 2) int64
+    codes: torch.Tensor | None = None  # fp8: (n_locations, B, T, D) uint8
+    scales: torch.Tensor | None = None  # fp8: (n_locations, B, T) float32
+    errors: torch.Tensor | None = None  # fp8: (n_locations, B, _ERROR_FIGURES) float64
     done: torch.cuda.Event | None = None
 
 
@@ -327,6 +354,7 @@ class ShardRunner:
         self.device = model.device
         self.cuda = self.device.type == "cuda"
         self.storage_dtype = STORAGE_TORCH_DTYPES[store.dtype]
+        self.fp8 = store.dtype == "fp8"
         n_loc, b, t, d = len(self.locations), batch_size, store.n_tokens, store.d_model
         h, w = model.preprocess["image_size"]
         pin = self.cuda
@@ -337,11 +365,15 @@ class ShardRunner:
         self.dev_free = [None, None]  # CUDA events: the copy out of dev[k] finished
         self.pix_free = [None, None]  # CUDA events: the copy of pixels[k] to the device finished
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        acts_shape = (0, b, t, d) if self.fp8 and self.cuda else (n_loc, b, t, d)  # fp8 on CUDA: codes cross the bus
         self.slots = [
-            _Slot(torch.empty((n_loc, b, t, d), dtype=self.storage_dtype, pin_memory=pin),
+            _Slot(torch.empty(acts_shape, dtype=self.storage_dtype, pin_memory=pin),
                   torch.empty((b,), dtype=torch.bool, pin_memory=pin),
                   torch.empty((n_loc, 2, 3, d), dtype=torch.float64, pin_memory=pin),
-                  torch.empty((n_loc, 2), dtype=torch.int64, pin_memory=pin))
+                  torch.empty((n_loc, 2), dtype=torch.int64, pin_memory=pin),
+                  *((torch.empty((n_loc, b, t, d), dtype=torch.uint8, pin_memory=pin),
+                     torch.empty((n_loc, b, t), dtype=torch.float32, pin_memory=pin),
+                     torch.empty((n_loc, b, _ERROR_FIGURES), dtype=torch.float64, pin_memory=pin)) if self.fp8 else ()))
             for _ in range(HOST_SLOTS)
         ]
         self.free_slots: queue.Queue[int] = queue.Queue()  # filled by run(), for each shard
@@ -356,6 +388,10 @@ class ShardRunner:
     def run(self, shard: InputShard) -> dict:
         """Harvest one input shard and commit it; on a failure anywhere, stop, leave it uncommitted
         (its claim released) and raise (see the module's doc)."""
+        with _short_gil_turns():
+            return self._run(shard)
+
+    def _run(self, shard: InputShard) -> dict:
         try:
             writer = self.store.writer(shard.name, compute_stats=False, check_finite=False)
         except Exception as exc:
@@ -502,7 +538,15 @@ class ShardRunner:
 
         model.forward(model.normalize(x), sink)
         acts = dev[:, :b]
-        stats, counts, bad = _device_moments(acts)
+        if self.fp8:  # quantised where the values are; statistics and error of the stored values
+            codes, scales = quantize_fp8(acts)
+            stored = dequantize_fp8(codes, scales)
+            stats, counts, _ = _device_moments(stored, check_finite=False)
+            errors = _fp8_errors(acts, stored)
+            bad = ~torch.isfinite(scales).all(dim=2).all(dim=0)  # a NaN or inf makes its token's scale so
+            del stored
+        else:
+            stats, counts, bad = _device_moments(acts)
         if slot_i is None:
             slot_i = self._free_slot(failure)
             if slot_i is None:
@@ -514,8 +558,16 @@ class ShardRunner:
             self.copy_stream.wait_event(ready)
             for t in (stats, counts, bad):  # made on the compute stream, read on the copy stream
                 t.record_stream(self.copy_stream)
+            if self.fp8:
+                for t in (codes, scales, errors):
+                    t.record_stream(self.copy_stream)
             with torch.cuda.stream(self.copy_stream):
-                slot.acts[:, :b].copy_(acts, non_blocking=True)
+                if self.fp8:
+                    slot.codes[:, :b].copy_(codes, non_blocking=True)
+                    slot.scales[:, :b].copy_(scales, non_blocking=True)
+                    slot.errors[:, :b].copy_(errors, non_blocking=True)
+                else:
+                    slot.acts[:, :b].copy_(acts, non_blocking=True)
                 slot.bad[:b].copy_(bad, non_blocking=True)
                 slot.stats.copy_(stats, non_blocking=True)
                 slot.counts.copy_(counts, non_blocking=True)
@@ -524,6 +576,10 @@ class ShardRunner:
             slot.done = done
             self.dev_free[k] = done
         else:  # the activations are in the slot already
+            if self.fp8:
+                slot.codes[:, :b].copy_(codes)
+                slot.scales[:, :b].copy_(scales)
+                slot.errors[:, :b].copy_(errors)
             slot.bad[:b].copy_(bad)
             slot.stats.copy_(stats)
             slot.counts.copy_(counts)
@@ -564,33 +620,64 @@ class ShardRunner:
                 failure.set("write", exc)
 
     def _write_batch(self, writer, slot: _Slot, b: int, records: list[ImageRecord]) -> None:
+        if self.fp8:
+            return self._write_fp8_batch(writer, slot, b, records)
         acts = slot.acts[:, :b]
         bad = slot.bad[:b].numpy()
         if bad.any():
             # a NaN/inf activation (fp16 overflow, say): drop those images; recompute statistics here
-            keep = np.flatnonzero(~bad)
-            dropped = [records[i] for i in np.flatnonzero(bad)]
-            for r in dropped:
-                r.status, r.error = NONFINITE, "NaN or inf in the activations (try --dtype fp32 / bf16 compute)"
-            writer.add_dropped(dropped)
-            records = [records[i] for i in keep]
+            keep, records = self._drop_nonfinite(writer, bad, records)
             if not len(keep):
                 return
             acts = acts[:, torch.from_numpy(keep)]
             stats, counts, _ = _device_moments(acts)
         else:
             stats, counts = slot.stats, slot.counts
-        moments = {
-            loc: {g: Moments.from_array(int(counts[li, gi]), stats[li, gi].numpy()) for gi, g in enumerate(MOMENT_GROUPS)}
-            for li, loc in enumerate(self.locations)
-        }
         arrays = {}
         for li, loc in enumerate(self.locations):
             a = acts[li]
             arrays[loc] = (a.view(torch.int16).numpy().view(np.uint16) if a.dtype == torch.bfloat16 else a.numpy())
+        self._add(writer, arrays, records, stats, counts)
+
+    def _write_fp8_batch(self, writer, slot: _Slot, b: int, records: list[ImageRecord]) -> None:
+        """fp8: the codes and scales made on the device, their statistics, and the error measured there."""
+        codes, scales, errors = slot.codes[:, :b], slot.scales[:, :b], slot.errors[:, :b]
+        bad = slot.bad[:b].numpy()
+        if bad.any():
+            keep, records = self._drop_nonfinite(writer, bad, records)
+            if not len(keep):
+                return
+            rows = torch.from_numpy(keep)
+            codes, scales, errors = codes[:, rows], scales[:, rows], errors[:, rows]
+            stats, counts, _ = _device_moments(dequantize_fp8(codes, scales), check_finite=False)
+        else:
+            stats, counts = slot.stats, slot.counts
+        arrays = {loc: Quantized(codes[li].numpy(), scales[li].numpy()) for li, loc in enumerate(self.locations)}
+        self._add(writer, arrays, records, stats, counts)
+        e = errors.numpy()
+        writer.add_lossy_error({loc: {"max_abs": float(e[li, :, 0].max()), "max_rel": float(e[li, :, 1].max()),
+                                      "sum_sq_err": float(e[li, :, 2].sum()), "sum_sq": float(e[li, :, 3].sum())}
+                                for li, loc in enumerate(self.locations)})
+
+    @staticmethod
+    def _drop_nonfinite(writer, bad: np.ndarray, records: list[ImageRecord]) -> tuple[np.ndarray, list[ImageRecord]]:
+        """Record the images whose activations are NaN or inf as dropped; the rows and records kept."""
+        keep = np.flatnonzero(~bad)
+        dropped = [records[i] for i in np.flatnonzero(bad)]
+        for r in dropped:
+            r.status, r.error = NONFINITE, "NaN or inf in the activations (try --dtype fp32 / bf16 compute)"
+        writer.add_dropped(dropped)
+        return keep, [records[i] for i in keep]
+
+    def _add(self, writer, arrays: dict, records: list[ImageRecord], stats: torch.Tensor, counts: torch.Tensor) -> None:
+        moments = {
+            loc: {g: Moments.from_array(int(counts[li, gi]), stats[li, gi].numpy()) for gi, g in enumerate(MOMENT_GROUPS)}
+            for li, loc in enumerate(self.locations)
+        }
         writer.add(arrays, records, moments=moments)
         kill_point("harvest_batch")  # crash tests: die with the batch handed over, the shard uncommitted
-        self.bytes_written += sum(a.nbytes for a in arrays.values())
+        self.bytes_written += sum(a.codes.nbytes + a.scales.nbytes if isinstance(a, Quantized) else a.nbytes
+                                  for a in arrays.values())
         now = time.perf_counter()
         if self._t_first is None:
             self._t_first = now  # steady state: from the first batch written on
@@ -613,7 +700,25 @@ class ShardRunner:
         return self.images_after_first / (self._t_last - self._t_first)
 
 
-def _device_moments(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fp8_errors(x: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+    """Per image, on the device, the quantisation error of float32 `stored` against `x` (both
+    (n_loc, B, T, D)): max_abs, max_rel (over |x| >= fp16's smallest normal, as the store's writer
+    measures it), and the float64 sums of squared error and of squared values; per image so that
+    the images dropped for NaN/inf can be left out on the host."""
+    err = (stored - x).abs_()
+    mag = x.abs()
+    tiny = torch.finfo(torch.float16).tiny
+    rel = torch.where(mag >= tiny, err / mag.clamp_min(tiny), torch.zeros((), dtype=err.dtype, device=err.device))
+    n_loc, b = x.shape[:2]
+    out = torch.empty((n_loc, b, _ERROR_FIGURES), dtype=torch.float64, device=x.device)
+    out[..., 0] = err.flatten(2).amax(dim=2)
+    out[..., 1] = rel.flatten(2).amax(dim=2)
+    out[..., 2] = err.square_().flatten(2).sum(dim=2, dtype=torch.float64)
+    out[..., 3] = mag.square_().flatten(2).sum(dim=2, dtype=torch.float64)
+    return out
+
+
+def _device_moments(acts: torch.Tensor, check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-batch statistics of (n_loc, B, T, D) stored values, on their device: per channel mean,
     M2 and absmax of the CLS and the patch tokens, and per-image finiteness. Host-side merging
     across batches is float64 (Moments.merge).
@@ -635,7 +740,7 @@ def _device_moments(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
             stats[li, gi, 0] = mean
             stats[li, gi, 2] = torch.maximum(g.amax(dim=0), g.amin(dim=0).neg())
             stats[li, gi, 1] = (g - mean).square_().sum(dim=0)
-    if acts.is_cuda or not bool(torch.isfinite(stats).all()):
+    if check_finite and (acts.is_cuda or not bool(torch.isfinite(stats).all())):
         bad = ~torch.isfinite(acts).flatten(2).all(dim=2).all(dim=0)
     else:
         bad = torch.zeros(b, dtype=torch.bool, device=acts.device)
