@@ -6,7 +6,8 @@ Points: `train_step` (after an optimiser step), `harvest_batch` (after a batch i
 shard writer), `store_create` (after each object a store's creation writes: the creation marker, each
 group and array, the root zarr.json), `store_plan` (after each array a planning step grows and each
 shard group it writes), `atomic_write` (inside `Storage.write_bytes`, after the temporary object is
-written and before it replaces the target). Unset, it costs one dict lookup."""
+written and before it replaces the target), `convert_batch` (after `actstore convert` hands a batch to
+the destination's shard writer). Unset, it costs one dict lookup."""
 
 from __future__ import annotations
 
