@@ -294,3 +294,27 @@ def test_torchrun_inside_srun_and_half_set_launcher_variables(clean_launch_env, 
     with pytest.raises(ConfigError, match="WORLD_SIZE not set, but RANK is"):
         resolve_rank(launcher_env=True)
     assert resolve_rank(2, 3, launcher_env=True) == (2, 3)  # explicit values need no launcher
+
+
+
+def test_the_claims_a_harvest_writes_carry_its_claim_timeout(tmp_path, monkeypatch):
+    """--claim-timeout-s reaches the shard writers: the claim a rank holds while it writes says how
+    long a rerun on another machine must wait once that rank is gone (claims.py judges a claim from
+    elsewhere by its own timeout)."""
+    import json as _json
+
+    from activation_store.harvest import pipeline as _pipeline
+    from activation_store.harvest.run import harvest as _harvest
+    from activation_store.store import layout as _layout
+    from harvest_helpers import cfg_for as _cfg_for, make_images as _make
+
+    _make(tmp_path / "imgs", 4)
+    seen = []
+
+    def read_claims(point):
+        if point == "harvest_batch":
+            seen.extend(_json.loads(p.read_text())["timeout_s"] for p in (tmp_path / "s").rglob(_layout.CLAIM))
+
+    monkeypatch.setattr(_pipeline, "kill_point", read_claims)
+    _harvest(_cfg_for(tmp_path / "s", images=str(tmp_path / "imgs"), claim_timeout_s=120.0))
+    assert seen and set(seen) == {120.0}

@@ -73,6 +73,9 @@ class HarvestConfig:
                                       "left); --images and --shards only")
     wait_report_s: float = option(30.0, help="while waiting for the plan, say on stderr every this many seconds "
                                   "what is not planned yet")
+    claim_timeout_s: float = option(3600.0, help="a shard's writer claim that was not renewed for this long is stale: "
+                                    "another run may take the shard over (what a rank that died on another machine "
+                                    "left). It is renewed at every batch, at most every tenth of this")
 
     def __post_init__(self) -> None:
         self.layers = _layers(self.layers)
@@ -86,6 +89,8 @@ class HarvestConfig:
         if self.finish_other_ranks and self.urls:
             raise ConfigError("--finish-other-ranks takes --images or --shards: with --urls each rank downloads only its "
                               "own input shards, so rerun the rank that died (the same command and rank)")
+        if not self.claim_timeout_s > 0:
+            raise ConfigError(f"--claim-timeout-s must be > 0, got {self.claim_timeout_s}")
         if not self.wait_for_plan_s >= 0 or not self.wait_report_s > 0:
             raise ConfigError(f"--wait-for-plan-s must be >= 0 and --wait-report-s > 0, got {self.wait_for_plan_s} "
                               f"and {self.wait_report_s}")

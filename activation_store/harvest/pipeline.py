@@ -347,8 +347,10 @@ class _Slot:
 class ShardRunner:
     """Runs the model over input shards and writes them, one shard writer at a time."""
 
-    def __init__(self, model: LoadedViT, store, batch_size: int, pool: DecodePool, progress: tqdm | None) -> None:
+    def __init__(self, model: LoadedViT, store, batch_size: int, pool: DecodePool, progress: tqdm | None,
+                 claim_timeout_s: float | None = None) -> None:
         self.model, self.store, self.batch_size, self.pool, self.progress = model, store, batch_size, pool, progress
+        self.writer_options = {} if claim_timeout_s is None else {"claim_timeout_s": claim_timeout_s}
         self.locations = store.locations
         self.loc_index = {int(loc.split("_")[1]): i for i, loc in enumerate(self.locations)}
         self.device = model.device
@@ -393,7 +395,7 @@ class ShardRunner:
 
     def _run(self, shard: InputShard) -> dict:
         try:
-            writer = self.store.writer(shard.name, compute_stats=False, check_finite=False)
+            writer = self.store.writer(shard.name, compute_stats=False, check_finite=False, **self.writer_options)
         except Exception as exc:
             _raise_failure(shard, "write", exc)
         with writer:
