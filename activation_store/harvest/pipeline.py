@@ -16,11 +16,9 @@ The shard stays uncommitted, so a rerun redoes it from scratch."""
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import multiprocessing as mp
 import queue
-import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -53,7 +51,6 @@ _CHUNKS_IN_FLIGHT_PER_WORKER = 16  # decoded images wait here for the forward: a
 _POLL_S = 0.2  # how often a waiting thread looks whether another stage has failed
 _MANAGER_JOIN_S = 30.0  # the executor's own thread ends within milliseconds once its workers are gone
 HOST_SLOTS = 3  # batches in host memory: one being filled, one queued, one being written
-GIL_SWITCH_INTERVAL_S = 0.0005  # see _short_gil_turns
 
 _worker_transform = None
 _worker_min_size = 2
@@ -314,20 +311,6 @@ def _raise_failure(shard: InputShard, stage: str, exc: BaseException) -> NoRetur
         f"{todo}, then rerun the same command: committed shards are skipped and this one is redone") from exc
 
 
-@contextlib.contextmanager
-def _short_gil_turns():
-    """The interpreter's GIL switch interval made short while a shard runs, then restored. Why: the
-    store's writer threads give the GIL up at every system call (open, CRC, writev, close) and must
-    take it back; at the default 5 ms they queue behind the main thread's Python (the convoy effect)
-    and the writes, the harvest's limit, stall."""
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(min(before, GIL_SWITCH_INTERVAL_S))
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(before)
-
-
 @dataclass
 class _Slot:
     """Pinned host memory for one batch: activations, per-image finiteness, statistics; for fp8
@@ -390,10 +373,6 @@ class ShardRunner:
     def run(self, shard: InputShard) -> dict:
         """Harvest one input shard and commit it; on a failure anywhere, stop, leave it uncommitted
         (its claim released) and raise (see the module's doc)."""
-        with _short_gil_turns():
-            return self._run(shard)
-
-    def _run(self, shard: InputShard) -> dict:
         try:
             writer = self.store.writer(shard.name, compute_stats=False, check_finite=False, **self.writer_options)
         except Exception as exc:
