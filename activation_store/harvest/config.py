@@ -28,13 +28,17 @@ class DownloadConfig:
     timeout: int = option(10, help="seconds per download")
     retries: int = option(0, help="download retries")
     # keep originals: the model's preprocessing (its --preprocess preset) runs in the harvest
-    resize_mode: str = option("no", help="img2dataset resize mode (no: keep the original bytes)")
+    resize_mode: str = option("no", help="img2dataset resize mode (no: keep the original bytes, the exact default; "
+                              "keep_ratio: smaller shards and less decoding, at a parity cost measured by "
+                              "benchmarks/download_resize_parity.py, see docs/harvest.md)")
+    image_size: int = option(256, help="img2dataset's target size when --download-resize-mode is not 'no' "
+                             "(keep_ratio: the shorter side)")
     allow_private_urls: bool = option(False, help="also download from loopback, private, link-local and other "
                                       "non-public addresses (hosts are resolved; by default such URLs are refused)")
     allow_file_urls: bool = option(False, help="also download file:// URLs (local files; by default refused)")
 
     def __post_init__(self) -> None:
-        for name in ("number_sample_per_shard", "processes_count", "thread_count", "timeout"):
+        for name in ("number_sample_per_shard", "processes_count", "thread_count", "timeout", "image_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"download {name} must be >= 1, got {getattr(self, name)}")
 

@@ -73,11 +73,25 @@ def _check_compatible(store: ActivationStore, cfg: HarvestConfig, model: LoadedV
         )
     if store.n_tokens != model.n_tokens or store.d_model != model.width:
         problems.append(f"shape: store holds {store.n_tokens} x {store.d_model}, the model gives {model.n_tokens} x {model.width}")
+    resize = _download_resize(store.attrs.get("harvest_config") or {})
+    if cfg.urls and resize is not None and resize != _download_resize(cfg.to_dict()):
+        problems.append(f"download resizing: store was filled with img2dataset resize {resize}, this run asks for "
+                        f"{_download_resize(cfg.to_dict())} (other pixels: --download-resize-mode and "
+                        f"--download-image-size as the store's)")
     if problems:
         raise StoreMismatchError(
             f"refusing to resume or append to {store.url}:\n  " + "\n  ".join(problems)
             + "\nRun with the store's own settings (`actstore info` shows them), or harvest into a new --out"
         )
+
+
+def _download_resize(harvest_config: dict) -> tuple | None:
+    """(resize mode, size) of a URL-list harvest's img2dataset downloads; None for other sources."""
+    if not harvest_config.get("urls"):
+        return None
+    download = harvest_config.get("download") or {}
+    mode = download.get("resize_mode", "no")
+    return (mode, None if mode == "no" else download.get("image_size", 256))
 
 
 def open_or_create_store(cfg: HarvestConfig, model: LoadedViT, shards: list[InputShard], rank: int, world: int = 1,

@@ -103,7 +103,8 @@ class UrlDownloader:
             "output_folder": str(self.work / "shards"), "output_format": "webdataset",
             "number_sample_per_shard": per, "processes_count": self.cfg.processes_count,
             "thread_count": self.cfg.thread_count, "timeout": self.cfg.timeout, "retries": self.cfg.retries,
-            "resize_mode": self.cfg.resize_mode, "disable_all_reencoding": self.cfg.resize_mode == "no",
+            "resize_mode": self.cfg.resize_mode, "image_size": self.cfg.image_size,
+            "disable_all_reencoding": self.cfg.resize_mode == "no",
             "incremental_mode": "incremental", "enable_wandb": False, "compute_hash": None,
         }
         job_file = self.work / "job.json"
@@ -125,7 +126,9 @@ class UrlDownloader:
         mine_urls = [urls[r] for i in self.mine for r in range(i * per, min((i + 1) * per, self.n))]
         head = {"url_list": self.source, "rows": self.n, "per_shard": per, "rank": self.rank, "world": self.world,
                 "allow_private_urls": self.cfg.allow_private_urls, "allow_file_urls": self.cfg.allow_file_urls,
-                "urls_sha256": hashlib.sha256(json.dumps(mine_urls).encode()).hexdigest()}
+                "urls_sha256": hashlib.sha256(json.dumps(mine_urls).encode()).hexdigest(),
+                # shards resized otherwise hold other pixels: download again
+                "resize": [self.cfg.resize_mode, None if self.cfg.resize_mode == "no" else self.cfg.image_size]}
         self.work.mkdir(parents=True, exist_ok=True)
         path = self.work / "plan.json"
         try:
