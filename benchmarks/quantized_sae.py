@@ -15,14 +15,16 @@ synthetic ViT-like activations, (b) a random-weight open_clip ViT (tests/data/ti
 257 tokens x 64) harvested from the bundled photos plus generated images, (c) a planted dictionary
 (recovery: mean over true features of the best cosine with a decoder row).
 
-    python benchmarks/quantized_sae.py --quick     # a few minutes on 2 cores
-    python benchmarks/quantized_sae.py             # larger stores, longer training
+    python benchmarks/quantized_sae.py --quick     # small stores: ~15 minutes on 2 loaded cores
+    python benchmarks/quantized_sae.py --train-scale 0.25   # full-size stores, 1/4 of the training: ~20 minutes
+    python benchmarks/quantized_sae.py             # full-size stores and training (~4x that)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import sys
@@ -187,8 +189,6 @@ def train_and_eval(store_url: str, eval_url: str, location: str, run: Path, sae:
         sae=sae))
     train_s = time.perf_counter() - t
     model = load_sae(result["checkpoint"])  # raw activations in, the normaliser folded in
-    err = tot = sq = 0.0
-    s = m = None
     held = []
     for x in ShuffledReader(eval_url, location, batch_size=4096, split="eval", holdout=holdout, epochs=1, seed=0):
         held.append(x.double())
@@ -198,7 +198,6 @@ def train_and_eval(store_url: str, eval_url: str, location: str, run: Path, sae:
     err = float((x - x_hat).pow(2).sum())
     tot = float((x - x.mean(0)).pow(2).sum())
     sq = float(x.pow(2).sum())
-    del s, m
     out = {"explained_variance": 1 - err / tot, "nmse": err / sq, "eval_tokens": len(x),
            "dead_fraction": result["last"].get("dead_proportion"), "l0": result["last"].get("l0"), "train_s": train_s}
     if feats is not None:
@@ -227,13 +226,21 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small stores and short training (a few minutes)")
     ap.add_argument("--schemes-only", action="store_true", help="part 1 only")
+    ap.add_argument("--train-scale", type=float, default=1.0,
+                    help="multiply the default mode's training tokens (stores keep their default size): "
+                         "0.25 fits a loaded 2-core machine in about 25 minutes")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "quantized_sae.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="quantized-sae-", dir=args.workdir))
     results = {"machine": {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
-                           "threads": torch.get_num_threads()}, "quick": args.quick}
+                           "threads": torch.get_num_threads(), "load_before": os.getloadavg()},
+               "quick": args.quick, "train_scale": 1.0 if args.quick else args.train_scale}
+    t_start = time.perf_counter()
+
+    def tokens(quick: int, full: int) -> int:
+        return quick if args.quick else int(full * args.train_scale)
     try:
         x = synthetic_activations(7, 16 if args.quick else 64, 257, 1024)
         results["schemes"] = schemes(x)
@@ -251,14 +258,14 @@ def main() -> int:
             n = 256 if q else 1024
             a = rows_store(work / "synthetic.zarr", synthetic_activations(3, n, 65, 256))
             cost.append(sae_cost("synthetic (65 tok x 256)", a.url, work, LOC, {"n_latents": 2048, "k": 32},
-                                 200_000 if q else 1_000_000))
+                                 tokens(200_000, 1_000_000)))
             tiny = harvested_tiny_vit(work, 240 if q else 1000)
             cost.append(sae_cost("tiny ViT, random weights (257 x 64)", str(tiny), work, "resid_3",
-                                 {"n_latents": 512, "k": 16}, 200_000 if q else 1_000_000))
+                                 {"n_latents": 512, "k": 16}, tokens(200_000, 1_000_000)))
             px, feats = planted(65_536 if q else 262_144)
             p = rows_store(work / "planted.zarr", px, chunk_images=64)
             cost.append(sae_cost("planted dictionary (d 64, 512 features, k 4)", p.url, work, LOC,
-                                 {"n_latents": 512, "k": 4}, 300_000 if q else 1_200_000, feats))
+                                 {"n_latents": 512, "k": 4}, tokens(300_000, 1_200_000), feats))
             results["sae_cost"] = cost
             print(f"\nSAE trained on fp16 vs on its fp8 conversion, evaluated on the fp16 held-out tokens")
             print(f"{'dataset':<46} {'images':>6} {'B/val fp8':>9} {'EV fp16':>8} {'EV fp8':>8} {'dEV':>8} "
@@ -270,6 +277,8 @@ def main() -> int:
                 print(f"{r['dataset']:<46} {r['images']:>6} {r['bytes_per_value_fp8']:9.4f} "
                       f"{a16['explained_variance']:8.4f} {a8['explained_variance']:8.4f} {r['ev_difference']:+8.4f} "
                       f"{a16['nmse']:9.4f} {a8['nmse']:9.4f} {a16['dead_fraction'] or 0:7.4f} {a8['dead_fraction'] or 0:7.4f} {cos}")
+        results["machine"]["load_after"] = os.getloadavg()
+        results["wall_s"] = time.perf_counter() - t_start
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2))
         print(f"\nwrote {args.json}")

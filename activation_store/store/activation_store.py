@@ -713,7 +713,6 @@ class ActivationStore:
         `refresh()` to see shards committed since. See docs/format.md, "Reading with xarray"."""
         from activation_store.store.xarray_view import open_dataarray
 
-        self._check_xarray()
         return open_dataarray(self, location, tokens=tokens, rows=rows, image_keys=image_keys)
 
     def to_xarray_dataset(self, locations=None, tokens: str = "all", rows=None, image_keys: bool = False):
@@ -721,13 +720,7 @@ class ActivationStore:
         DataArrays sharing their coordinates."""
         from activation_store.store.xarray_view import open_dataset
 
-        self._check_xarray()
         return open_dataset(self, locations, tokens=tokens, rows=rows, image_keys=image_keys)
-
-    def _check_xarray(self) -> None:
-        if self.quantized:
-            raise ConfigError(f"{self.url} stores fp8, which the xarray view does not decode yet; read it with "
-                              f"read_rows / read_cls or the readers, or `actstore convert` it to fp16")
 
     # ---------------------------------------------------------------- metadata and statistics
     def images(self, include_dropped: bool = False) -> pa.Table:

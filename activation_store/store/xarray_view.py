@@ -3,9 +3,13 @@
 `open_dataarray` wraps one array of a store (a location's main array or its CLS array) in an
 xarray `BackendArray` whose reads go through `ActivationStore.fetch_chunk_into`, the same path
 `read_rows` takes, and `encoding.to_float32`, the same decoding: values equal `read_rows`
-exactly. Opening reads only metadata (the manifest, the array's zarr.json, and the image tables
-when `image_keys`); indexing reads only the chunks that hold the selected images, decoding only
-the selected values. No dask: `.load()`/`.values` read what is selected, in one thread.
+exactly. fp8 stores: each chunk's codes and its chunk of the companion scale array
+(`fetch_scales_into`) are read, the selection applied to both (the scales have no channel axis),
+and the selected values decoded as `read_rows` does (`encoding.dequantize_fp8`: E4M3[code] * the
+token's scale, one float32 multiplication), so fp8 views are float32 and equal `read_rows` bit for
+bit too. Opening reads only metadata (the manifest, the array's zarr.json, and the image tables
+when `image_keys`); indexing reads only the chunks that hold the selected images (fp8: and their
+scale chunks), decoding only the selected values. No dask: `.load()`/`.values` read what is selected, in one thread.
 
 Imported only by `ActivationStore.to_xarray` (xarray is an optional dependency), and never
 imports activation_store.store.activation_store itself (no import cycle): the store is passed in.
@@ -26,7 +30,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from activation_store.errors import ConfigError
 from activation_store.store import layout
-from activation_store.store.encoding import physical_dtype, to_float32
+from activation_store.store.encoding import E4M3_TABLE, SCALE_DTYPE, is_quantized, physical_dtype, to_float32
 
 TOKENS = ("all", "cls")
 
@@ -68,6 +72,7 @@ class StoreBackendArray(BackendArray):
         self.shape = (int(lengths.sum()), *self.tail)
         self.dtype = np.dtype(np.float32)
         self.storage_dtype = physical_dtype(store.dtype)
+        self.quantized = is_quantized(store.dtype)  # fp8: codes here, one float32 scale per token beside them
 
     def rows_of(self, positions: np.ndarray) -> np.ndarray:
         """The array rows at image positions (sorted or not)."""
@@ -104,19 +109,35 @@ class StoreBackendArray(BackendArray):
         # positions come sorted (xarray's outer indexers are), so each chunk is one run of them
         breaks = np.flatnonzero(np.diff(chunks)) + 1
         buf = np.empty((per, *self.tail), dtype=self.storage_dtype)
+        scale_buf = np.empty((per, *self.tail[:-1]), dtype=SCALE_DTYPE) if self.quantized else None
         whole_tail = all(isinstance(k, slice) and k == slice(None) for k in rest)
         for lo, hi in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [rows.size]]), strict=True):
             c = int(chunks[lo])
             self.store.fetch_chunk_into(self.array_key, c, buf)
             local = rows[lo:hi] - c * per
             if local[-1] - local[0] + 1 == local.size and (local.size == 1 or (np.diff(local) == 1).all()):
-                sub = buf[int(local[0]):int(local[-1]) + 1]  # a view: no copy before decoding
+                pick = slice(int(local[0]), int(local[-1]) + 1)  # a view: no copy before decoding
             else:
-                sub = buf[local]
-            if not whole_tail:
-                for axis in reversed(range(len(rest))):  # outer indexing, last axis first (ints drop axes)
-                    sub = sub[(slice(None),) * (axis + 1) + (rest[axis],)]
-            to_float32(sub, self.store.dtype, out=out[lo:hi])
+                pick = local
+            sub = _outer(buf[pick], rest, whole_tail)
+            if scale_buf is None:
+                to_float32(sub, self.store.dtype, out=out[lo:hi])
+                continue
+            self.store.fetch_scales_into(self.array_key, c, scale_buf)
+            scales = _outer(scale_buf[pick], rest[:-1], whole_tail)  # the scales have no channel axis
+            dst = out[lo:hi]
+            np.take(E4M3_TABLE, sub, out=dst)
+            # as encoding.dequantize_fp8 (read_rows): one float32 multiplication by the token's scale;
+            # an integer channel index dropped the channel axis, else the scale is broadcast over it
+            np.multiply(dst, scales if scales.ndim == dst.ndim else scales[..., None], out=dst)
+
+
+def _outer(sub: np.ndarray, rest: tuple, whole: bool) -> np.ndarray:
+    """Outer indexing of the axes after the first by `rest`, last axis first (integers drop axes)."""
+    if not whole:
+        for axis in reversed(range(len(rest))):
+            sub = sub[(slice(None),) * (axis + 1) + (rest[axis],)]
+    return sub
 
 
 def _image_keys(store, rows: np.ndarray) -> np.ndarray:
@@ -160,7 +181,10 @@ def _variable(store, location, tokens: str, start: int, stop: int | None):
         "array": key,
         "format_version": str(store.attrs.get("format_version")),
     }
-    if store.codec.lossy:
+    if store.quantized:  # fp8: the per-token scales live in a companion array
+        attrs["scale_array"] = layout.scale_array_key(key)
+        attrs["lossy"] = True
+    if store.codec.lossy or store.quantized:
         attrs["error_bound"] = store.codec.error_bound()
     return xr.Variable(dims, indexing.LazilyIndexedArray(backend), attrs=attrs), spans
 
