@@ -16,6 +16,7 @@ The shard stays uncommitted, so a rerun redoes it from scratch."""
 
 from __future__ import annotations
 
+import collections
 import itertools
 import multiprocessing as mp
 import queue
@@ -50,7 +51,7 @@ _CHUNK = 4  # samples per decode task
 _CHUNKS_IN_FLIGHT_PER_WORKER = 16  # decoded images wait here for the forward: a bound on their memory
 _POLL_S = 0.2  # how often a waiting thread looks whether another stage has failed
 _MANAGER_JOIN_S = 30.0  # the executor's own thread ends within milliseconds once its workers are gone
-HOST_SLOTS = 3  # batches in host memory: one being filled, one queued, one being written
+HOST_SLOTS = 4  # batches in host memory: one being filled, one queued, two being written
 
 _worker_transform = None
 _worker_min_size = 2
@@ -571,12 +572,33 @@ class ShardRunner:
     def _write_loop(self, writer, work: queue.Queue, free_slots: queue.Queue, failure: _Failure) -> None:
         """Hands queued batches to the shard writer until None; after a failure anywhere it keeps
         taking items (so the main thread never blocks on a full queue or a missing slot) and
-        frees their slots without writing them."""
+        frees their slots without writing them. A batch's chunks are queued to the writer's threads
+        without waiting for them (`add(wait=False)`); its slot is freed once they have landed, after
+        the next batch is queued, so the threads go on writing between batches instead of draining."""
+        landing: collections.deque = collections.deque()  # (pending writes, slot, images) not yet waited for
+
+        def land(keep: int) -> None:
+            while len(landing) > keep:
+                pending, slot_i, b = landing.popleft()
+                t = time.perf_counter()
+                try:
+                    if pending is not None:
+                        pending.wait()
+                finally:
+                    free_slots.put(slot_i)
+                    self.stage_seconds["writer_write"] += time.perf_counter() - t
+                if self.progress is not None:
+                    self.progress.update(b)
+
         while True:
             item = work.get()
-            if item is None:
-                return
-            if failure:
+            if item is None or failure:
+                try:
+                    land(0)  # no write of ours may still read a slot that goes back to the main thread
+                except BaseException as exc:  # noqa: BLE001 - the first failure is the one reported
+                    failure.set("write", exc)
+                if item is None:
+                    return
                 if item[0] == "batch":
                     free_slots.put(item[1])
                 continue
@@ -591,17 +613,18 @@ class ShardRunner:
                     if slot.done is not None:
                         slot.done.synchronize()
                     t1 = time.perf_counter()
-                    self._write_batch(writer, slot, b, records)
-                finally:
+                    landing.append((self._write_batch(writer, slot, b, records), slot_i, b))
+                except BaseException:
                     free_slots.put(slot_i)
+                    raise
                 self.stage_seconds["writer_wait_device"] += t1 - t
                 self.stage_seconds["writer_write"] += time.perf_counter() - t1
-                if self.progress is not None:
-                    self.progress.update(b)
+                land(1)
             except BaseException as exc:  # raised by the main thread
                 failure.set("write", exc)
 
-    def _write_batch(self, writer, slot: _Slot, b: int, records: list[ImageRecord]) -> None:
+    def _write_batch(self, writer, slot: _Slot, b: int, records: list[ImageRecord]):
+        """The batch of a slot to the writer: its PendingWrites (None when nothing is left in flight)."""
         if self.fp8:
             return self._write_fp8_batch(writer, slot, b, records)
         acts = slot.acts[:, :b]
@@ -610,7 +633,7 @@ class ShardRunner:
             # a NaN/inf activation (fp16 overflow, say): drop those images; recompute statistics here
             keep, records = self._drop_nonfinite(writer, bad, records)
             if not len(keep):
-                return
+                return None
             acts = acts[:, torch.from_numpy(keep)]
             stats, counts, _ = _device_moments(acts)
         else:
@@ -619,27 +642,28 @@ class ShardRunner:
         for li, loc in enumerate(self.locations):
             a = acts[li]
             arrays[loc] = (a.view(torch.int16).numpy().view(np.uint16) if a.dtype == torch.bfloat16 else a.numpy())
-        self._add(writer, arrays, records, stats, counts)
+        return self._add(writer, arrays, records, stats, counts)
 
-    def _write_fp8_batch(self, writer, slot: _Slot, b: int, records: list[ImageRecord]) -> None:
+    def _write_fp8_batch(self, writer, slot: _Slot, b: int, records: list[ImageRecord]):
         """fp8: the codes and scales made on the device, their statistics, and the error measured there."""
         codes, scales, errors = slot.codes[:, :b], slot.scales[:, :b], slot.errors[:, :b]
         bad = slot.bad[:b].numpy()
         if bad.any():
             keep, records = self._drop_nonfinite(writer, bad, records)
             if not len(keep):
-                return
+                return None
             rows = torch.from_numpy(keep)
             codes, scales, errors = codes[:, rows], scales[:, rows], errors[:, rows]
             stats, counts, _ = _device_moments(dequantize_fp8(codes, scales), check_finite=False)
         else:
             stats, counts = slot.stats, slot.counts
         arrays = {loc: Quantized(codes[li].numpy(), scales[li].numpy()) for li, loc in enumerate(self.locations)}
-        self._add(writer, arrays, records, stats, counts)
+        pending = self._add(writer, arrays, records, stats, counts)
         e = errors.numpy()
         writer.add_lossy_error({loc: {"max_abs": float(e[li, :, 0].max()), "max_rel": float(e[li, :, 1].max()),
                                       "sum_sq_err": float(e[li, :, 2].sum()), "sum_sq": float(e[li, :, 3].sum())}
                                 for li, loc in enumerate(self.locations)})
+        return pending
 
     @staticmethod
     def _drop_nonfinite(writer, bad: np.ndarray, records: list[ImageRecord]) -> tuple[np.ndarray, list[ImageRecord]]:
@@ -651,12 +675,12 @@ class ShardRunner:
         writer.add_dropped(dropped)
         return keep, [records[i] for i in keep]
 
-    def _add(self, writer, arrays: dict, records: list[ImageRecord], stats: torch.Tensor, counts: torch.Tensor) -> None:
+    def _add(self, writer, arrays: dict, records: list[ImageRecord], stats: torch.Tensor, counts: torch.Tensor):
         moments = {
             loc: {g: Moments.from_array(int(counts[li, gi]), stats[li, gi].numpy()) for gi, g in enumerate(MOMENT_GROUPS)}
             for li, loc in enumerate(self.locations)
         }
-        writer.add(arrays, records, moments=moments)
+        pending = writer.add(arrays, records, moments=moments, wait=False)
         kill_point("harvest_batch")  # crash tests: die with the batch handed over, the shard uncommitted
         self.bytes_written += sum(a.codes.nbytes + a.scales.nbytes if isinstance(a, Quantized) else a.nbytes
                                   for a in arrays.values())
@@ -668,6 +692,7 @@ class ShardRunner:
         self._t_last = now
         if self.progress is not None:
             self.progress.set_postfix_str(f"{self.bytes_written / 1e6 / max(1e-9, time.perf_counter() - self._t0):.0f} MB/s written", refresh=False)
+        return pending
 
     def start_clock(self) -> None:
         self._t0 = time.perf_counter()

@@ -84,6 +84,27 @@ class _LossyError:
         return {"max_abs": self.max_abs, "max_rel": self.max_rel, "sum_sq_err": self.sum_sq_err, "sum_sq": self.sum_sq}
 
 
+class PendingWrites:
+    """The chunk writes of one `ShardWriter.add(wait=False)`: `wait()` returns once they have landed,
+    or raises the first that failed (and the writer stops: nothing of the shard is committed)."""
+
+    def __init__(self, writer: ShardWriter, futures: list) -> None:
+        self._writer, self._futures = writer, futures
+
+    def wait(self) -> None:
+        futures, self._futures = self._futures, []
+        error = None
+        for f in futures:  # every one, so that no write is still running when this returns
+            try:
+                f.result()
+            except BaseException as exc:  # noqa: BLE001 - the first is raised below
+                error = error or exc
+        if error is not None:
+            if not self._writer._closed:
+                self._writer._abort(error)
+            raise error
+
+
 class ShardWriter:
     """Writes one planned input shard. Use as a context manager or call `commit()`.
 
@@ -140,6 +161,7 @@ class ShardWriter:
         n_threads = threads or min(len(store.locations), len(os.sched_getaffinity(0)) * 2)
         self._pool = ThreadPoolExecutor(n_threads) if n_threads > 1 else None
         self._failed: str | None = None  # the type of the error that stopped the writer
+        self._in_flight: list[PendingWrites] = []  # batches queued by add(wait=False)
         self._closed = False
 
     @staticmethod
@@ -204,10 +226,16 @@ class ShardWriter:
         return len([r for r in self._rows if r >= 0])
 
     def add(self, activations: Mapping[str, np.ndarray], images: Sequence[ImageRecord],
-            moments: Mapping[str, Mapping[str, Moments]] | None = None) -> None:
+            moments: Mapping[str, Mapping[str, Moments]] | None = None, wait: bool = True) -> PendingWrites | None:
         """Store B images. `moments` ({location: {"cls": Moments, "patches": Moments}} of exactly these
         stored values), when given, replaces the writer's own statistics (a harvest computes them on
-        the GPU); give it for every call or for none."""
+        the GPU); give it for every call or for none.
+
+        `wait=False` (a writer made with compute_stats=False): return once the batch's whole chunks
+        are queued for the writing threads, with a PendingWrites whose `wait()` returns when they
+        have landed; until then the arrays given must stay as they are. The next batch can then be
+        queued while this one is written, so the threads never wait between batches. A failed write
+        is raised by `wait()` or by `commit()`, and stops the writer."""
         self._check_open()
         st = self.store
         missing = set(st.locations) - {str(k) for k in activations}
@@ -255,7 +283,7 @@ class ShardWriter:
         if moments is not None and self.compute_stats:
             raise ConfigError("pass moments to add() only to a writer made with compute_stats=False")
         try:
-            self._store_batch(stored, b, scales)
+            pending = self._store_batch(stored, b, scales, wait=wait or self.compute_stats)
         except BaseException as exc:  # a refused write (full disk, ...): this writer cannot go on
             self._abort(exc)
             raise
@@ -269,6 +297,10 @@ class ShardWriter:
             self._records.append(rec)
             self._rows.append(self._next_row)
             self._next_row += 1
+        if pending is None:
+            return None
+        self._in_flight.append(pending)
+        return pending
 
     def _quantize(self, loc: str, x, images: Sequence[ImageRecord]) -> tuple[np.ndarray, np.ndarray]:
         """fp8: codes and scales of one location's batch, its error measured against the values given.
@@ -302,8 +334,10 @@ class ShardWriter:
             self._lossy[self.store.check_location(loc)].merge(e)
         self._lossy_complete = True
 
-    def _store_batch(self, stored: dict[str, np.ndarray], b: int, scales: dict[str, np.ndarray] | None = None) -> None:
-        """Whole chunks of the batch straight to storage, the rest into the staging buffers."""
+    def _store_batch(self, stored: dict[str, np.ndarray], b: int, scales: dict[str, np.ndarray] | None = None,
+                     wait: bool = True) -> PendingWrites | None:
+        """Whole chunks of the batch straight to storage (queued only, unless `wait`), the rest into
+        the staging buffers (whose chunks are written before this returns: the buffers are reused)."""
         st = self.store
         ci, ri = st.chunk_images, st.region_images
         scales = scales or {}
@@ -337,8 +371,9 @@ class ShardWriter:
                 if self._cls_fill == ri:
                     self._flush_cls()
             pos += take
-        self._write_main(direct)
+        pending = self._write_main(direct, wait=wait)
         self._claim.refresh()  # at most every tenth of its timeout
+        return pending
 
     def add_dropped(self, images: Sequence[ImageRecord]) -> None:
         self._check_open()
@@ -359,7 +394,7 @@ class ShardWriter:
     def _write_chunk(self, array_key: str, index: int, buf: np.ndarray) -> None:
         self.store.storage.write_chunk(layout.chunk_key(array_key, index, buf.ndim), self._codec[array_key].encode(buf))
 
-    def _write_main(self, items: list[tuple]) -> None:
+    def _write_main(self, items: list[tuple], wait: bool = True) -> PendingWrites | None:
         """Write whole main-array chunks (location, chunk index, data, valid rows, fp8 scales or None)
         in parallel, with their statistics (of the stored values) when the writer computes them."""
         st = self.store
@@ -374,6 +409,8 @@ class ShardWriter:
                 return Moments.of(x[:, 0]), Moments.of(x[:, 1:])
             return None
 
+        if not wait and self._pool is not None:  # statistics are not computed here (see add)
+            return PendingWrites(self, [self._pool.submit(write, item) for item in items])
         if self._pool is None or len(items) < 2:
             results = [write(item) for item in items]
         else:
@@ -419,6 +456,8 @@ class ShardWriter:
         """Write what is buffered, the statistics and the image table, then make the shard visible."""
         self._check_open()
         try:
+            for pending in self._in_flight:  # every chunk queued by add(wait=False) has landed
+                pending.wait()
             commit = self._commit()
         except BaseException as exc:  # nothing is committed: the shard stays `writing`, redone by a rerun
             self._abort(exc)
