@@ -12,3 +12,7 @@ common="--model ViT-L-14 --pretrained none --device cuda --dtype bf16 --batch-si
 python3 benchmarks/harvest.py $common --workdir /dev/shm/hb --out "$OUT/harvest_gpu_tmpfs.json" 2>&1 | grep -v WARNING
 rm -rf /dev/shm/hb
 python3 benchmarks/harvest.py $common --workdir /tmp/hb --out "$OUT/harvest_gpu_disk.json" 2>&1 | grep -v WARNING
+rm -rf /tmp/hb
+# one byte per value: quantised on the device, half the bytes to write
+python3 benchmarks/harvest.py $common --store-dtype fp8 --workdir /dev/shm/hb --out "$OUT/harvest_gpu_tmpfs_fp8.json" 2>&1 | grep -v WARNING
+rm -rf /dev/shm/hb

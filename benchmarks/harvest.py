@@ -78,6 +78,7 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--workers", type=int, default=1, help="decode processes")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--store-dtype", default="fp16", help="storage dtype (fp8: quantised on the device)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default="benchmarks/results/harvest.json")
     ap.add_argument("--profile", action="store_true", help="cProfile the harvest's main thread (top 25 by own time)")
@@ -100,6 +101,7 @@ def main(argv=None) -> int:
             cfg = HarvestConfig(out=str(store), images=str(work / "photos"), layers=layers, model=mcfg,
                                 batch_size=args.batch_size, workers=args.workers, shard_size=len(paths),
                                 progress=False, report=str(work / f"report{r}.json"))
+            cfg.store.dtype = args.store_dtype
             if args.profile:
                 import cProfile
                 import pstats
@@ -115,20 +117,35 @@ def main(argv=None) -> int:
         full = best["images_per_s"]
         steady = best["steady_images_per_s"] or full
         gb = best["bytes_written"] / best["seconds"]["harvest"] / 1e9
+        # the raw write ceiling of the same bytes, same threads, same file system, this run
+        # (harvest_pipeline.py's): the harvest's limit is the lower of the forward and the storage
+        from harvest_pipeline import ceiling_source, write_ceiling
+
+        per_image = best["bytes_written"] / max(1, best["images"]["stored"])
+        threads = min(len(layers), len(os.sched_getaffinity(0)) * 2)
+        chunk_bytes = int(per_image * 16)
+        source = ceiling_source(int(per_image * args.batch_size))
+        ceiling_s = min(write_ceiling(work, best["bytes_written"], chunk_bytes, threads, source) for _ in range(2))
+        ceiling = best["images"]["stored"] / ceiling_s
+        del source
         row = {
             "model": Path(args.model).stem, "device": args.device, "dtype": args.dtype, "batch": args.batch_size,
             "layers": layers, "images": len(paths), "decode_workers": args.workers,
             "bare_forward_img_s": bare, "harvest_img_s": full, "ratio": full / bare, "written_gb_s": gb,
             "harvest_steady_img_s": steady, "steady_ratio": steady / bare, "seconds": best["seconds"],
+            "store_dtype": args.store_dtype, "write_ceiling_img_s": ceiling,
+            "ratio_to_min_forward_ceiling": full / min(bare, ceiling),
         }
         dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
-        print(f"{'model':<16} {'device':<8} {'dtype':<5} {'batch':>5} {'layers':>6} {'bare img/s':>10} "
-              f"{'harvest img/s':>13} {'ratio':>6} {'steady img/s':>12} {'ratio':>6} {'GB/s written':>12}")
-        print(f"{row['model']:<16} {args.device:<8} {args.dtype:<5} {args.batch_size:>5} {len(layers):>6} "
-              f"{bare:>10.1f} {full:>13.1f} {row['ratio']:>6.2f} {steady:>12.1f} {row['steady_ratio']:>6.2f} {gb:>12.3f}")
+        print(f"{'model':<16} {'device':<8} {'dtype':<5} {'store':<5} {'batch':>5} {'layers':>6} {'bare img/s':>10} "
+              f"{'ceiling img/s':>13} {'harvest img/s':>13} {'ratio':>6} {'/min':>6} {'steady img/s':>12} "
+              f"{'GB/s written':>12}")
+        print(f"{row['model']:<16} {args.device:<8} {args.dtype:<5} {args.store_dtype:<5} {args.batch_size:>5} "
+              f"{len(layers):>6} {bare:>10.1f} {ceiling:>13.1f} {full:>13.1f} {row['ratio']:>6.2f} "
+              f"{row['ratio_to_min_forward_ceiling']:>6.2f} {steady:>12.1f} {gb:>12.3f}")
         print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in best["seconds"].items()))
-        print(f"\n(device: {dev}; {len(os.sched_getaffinity(0))} CPUs; ratio = harvest / bare forward, same run; "
-              f"steady = after the first batch)")
+        print(f"\n(device: {dev}; {len(os.sched_getaffinity(0))} CPUs; ratio = harvest / bare forward, /min = harvest / "
+              f"min(bare forward, write ceiling), same run; steady = after the first batch)")
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"machine": {"device": dev, "cpus": len(os.sched_getaffinity(0)),
                                                           "platform": platform.platform()}, "result": row}, indent=2))
