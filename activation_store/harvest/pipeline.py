@@ -36,7 +36,7 @@ from activation_store.errors import ActivationStoreError, HarvestError
 from activation_store.faults import kill_point
 from activation_store.harvest.decode import NONFINITE, Decoded, decode_image
 from activation_store.harvest.model import LoadedViT
-from activation_store.harvest.quantize import dequantize_fp8, quantize_fp8
+from activation_store.harvest.quantize import ERROR_FIGURES, dequantize_fp8, error_figures, quantize_fp8
 from activation_store.harvest.sources import InputShard, Sample
 from activation_store.store import ImageRecord
 from activation_store.store.writer import Quantized
@@ -46,7 +46,6 @@ from activation_store.store.stats import Moments
 # the dtype the forward's outputs are copied into: the storage dtype, or float32 for fp8, which is
 # quantised from float32 (on the device) and shipped as codes and scales
 STORAGE_TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float32}
-_ERROR_FIGURES = 4  # per image: max_abs, max_rel, sum_sq_err, sum_sq (ShardWriter.add_lossy_error's)
 _CHUNK = 4  # samples per decode task
 _CHUNKS_IN_FLIGHT_PER_WORKER = 16  # decoded images wait here for the forward: a bound on their memory
 _POLL_S = 0.2  # how often a waiting thread looks whether another stage has failed
@@ -324,7 +323,7 @@ class _Slot:
     counts: torch.Tensor  # (n_locations, 2) int64
     codes: torch.Tensor | None = None  # fp8: (n_locations, B, T, D) uint8
     scales: torch.Tensor | None = None  # fp8: (n_locations, B, T) float32
-    errors: torch.Tensor | None = None  # fp8: (n_locations, B, _ERROR_FIGURES) float64
+    errors: torch.Tensor | None = None  # fp8: (n_locations, B, len(ERROR_FIGURES)) float64
     done: torch.cuda.Event | None = None
 
 
@@ -359,7 +358,7 @@ class ShardRunner:
                   torch.empty((n_loc, 2), dtype=torch.int64, pin_memory=pin),
                   *((torch.empty((n_loc, b, t, d), dtype=torch.uint8, pin_memory=pin),
                      torch.empty((n_loc, b, t), dtype=torch.float32, pin_memory=pin),
-                     torch.empty((n_loc, b, _ERROR_FIGURES), dtype=torch.float64, pin_memory=pin)) if self.fp8 else ()))
+                     torch.empty((n_loc, b, len(ERROR_FIGURES)), dtype=torch.float64, pin_memory=pin)) if self.fp8 else ()))
             for _ in range(HOST_SLOTS)
         ]
         self.free_slots: queue.Queue[int] = queue.Queue()  # filled by run(), for each shard
@@ -524,7 +523,7 @@ class ShardRunner:
             codes, scales = quantize_fp8(acts)
             stored = dequantize_fp8(codes, scales)
             stats, counts, _ = _device_moments(stored, check_finite=False)
-            errors = _fp8_errors(acts, stored)
+            errors = error_figures(acts, stored, keep=2)  # per location and image
             bad = ~torch.isfinite(scales).all(dim=2).all(dim=0)  # a NaN or inf makes its token's scale so
             del stored
         else:
@@ -659,9 +658,9 @@ class ShardRunner:
             stats, counts = slot.stats, slot.counts
         arrays = {loc: Quantized(codes[li].numpy(), scales[li].numpy()) for li, loc in enumerate(self.locations)}
         pending = self._add(writer, arrays, records, stats, counts)
-        e = errors.numpy()
-        writer.add_lossy_error({loc: {"max_abs": float(e[li, :, 0].max()), "max_rel": float(e[li, :, 1].max()),
-                                      "sum_sq_err": float(e[li, :, 2].sum()), "sum_sq": float(e[li, :, 3].sum())}
+        e = errors.numpy()  # per image: maxima and sums over the images kept
+        writer.add_lossy_error({loc: dict(zip(ERROR_FIGURES, (float(e[li, :, 0].max()), float(e[li, :, 1].max()),
+                                                              float(e[li, :, 2].sum()), float(e[li, :, 3].sum()))))
                                 for li, loc in enumerate(self.locations)})
         return pending
 
@@ -705,24 +704,6 @@ class ShardRunner:
         if self._t_first is None or self._t_last == self._t_first:
             return None
         return self.images_after_first / (self._t_last - self._t_first)
-
-
-def _fp8_errors(x: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
-    """Per image, on the device, the quantisation error of float32 `stored` against `x` (both
-    (n_loc, B, T, D)): max_abs, max_rel (over |x| >= fp16's smallest normal, as the store's writer
-    measures it), and the float64 sums of squared error and of squared values; per image so that
-    the images dropped for NaN/inf can be left out on the host."""
-    err = (stored - x).abs_()
-    mag = x.abs()
-    tiny = torch.finfo(torch.float16).tiny
-    rel = torch.where(mag >= tiny, err / mag.clamp_min(tiny), torch.zeros((), dtype=err.dtype, device=err.device))
-    n_loc, b = x.shape[:2]
-    out = torch.empty((n_loc, b, _ERROR_FIGURES), dtype=torch.float64, device=x.device)
-    out[..., 0] = err.flatten(2).amax(dim=2)
-    out[..., 1] = rel.flatten(2).amax(dim=2)
-    out[..., 2] = err.square_().flatten(2).sum(dim=2, dtype=torch.float64)
-    out[..., 3] = mag.square_().flatten(2).sum(dim=2, dtype=torch.float64)
-    return out
 
 
 def _device_moments(acts: torch.Tensor, check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -33,14 +33,28 @@ def dequantize_fp8(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype
     return x if dtype == torch.float32 else x.to(dtype)
 
 
-def quantization_error(x: torch.Tensor, stored: torch.Tensor) -> dict:
-    """The writer's measure of the error (`lossy_error` of a commit record) of float32 `stored`
-    against the given `x`: max_abs, max_rel (over |x| >= fp16's smallest normal), sum_sq_err, sum_sq
-    (float64 sums); pass it to `ShardWriter.add_lossy_error` when the writer gets codes."""
+ERROR_FIGURES = ("max_abs", "max_rel", "sum_sq_err", "sum_sq")  # ShardWriter.add_lossy_error's
+
+
+def error_figures(x: torch.Tensor, stored: torch.Tensor, keep: int = 0) -> torch.Tensor:
+    """The writer's measure of the error of float32 `stored` against the given `x`, on their device,
+    for each index of the first `keep` dimensions (a harvest keeps (location, image), so that images
+    dropped for NaN/inf can be left out on the host): the ERROR_FIGURES along a last axis, max_rel
+    over |x| >= fp16's smallest normal, the sums in float64."""
     x = x.to(torch.float32)
-    err = (stored.to(torch.float32) - x).abs()
+    err = (stored.to(torch.float32) - x).abs_()
     mag = x.abs()
-    rel = torch.where(mag >= torch.finfo(torch.float16).tiny, err / mag.clamp_min(torch.finfo(torch.float16).tiny),
-                      torch.zeros_like(err))
-    return {"max_abs": float(err.max()) if err.numel() else 0.0, "max_rel": float(rel.max()) if rel.numel() else 0.0,
-            "sum_sq_err": float(err.double().square().sum()), "sum_sq": float(x.double().square().sum())}
+    tiny = torch.finfo(torch.float16).tiny
+    rel = torch.where(mag >= tiny, err / mag.clamp_min(tiny), torch.zeros((), dtype=err.dtype, device=err.device))
+    out = torch.zeros((*x.shape[:keep], len(ERROR_FIGURES)), dtype=torch.float64, device=x.device)
+    if x.numel():
+        out[..., 0] = err.flatten(keep).amax(dim=-1)
+        out[..., 1] = rel.flatten(keep).amax(dim=-1)
+        out[..., 2] = err.square_().flatten(keep).sum(dim=-1, dtype=torch.float64)
+        out[..., 3] = mag.square_().flatten(keep).sum(dim=-1, dtype=torch.float64)
+    return out
+
+
+def quantization_error(x: torch.Tensor, stored: torch.Tensor) -> dict:
+    """`error_figures` over all of x, as the dict `ShardWriter.add_lossy_error` takes."""
+    return dict(zip(ERROR_FIGURES, (float(v) for v in error_figures(x, stored))))

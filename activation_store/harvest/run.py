@@ -73,11 +73,10 @@ def _check_compatible(store: ActivationStore, cfg: HarvestConfig, model: LoadedV
         )
     if store.n_tokens != model.n_tokens or store.d_model != model.width:
         problems.append(f"shape: store holds {store.n_tokens} x {store.d_model}, the model gives {model.n_tokens} x {model.width}")
-    resize = _download_resize(store.attrs.get("harvest_config") or {})
-    if cfg.urls and resize is not None and resize != _download_resize(cfg.to_dict()):
+    resize, asked = _download_resize(store.attrs.get("harvest_config") or {}), _download_resize(cfg.to_dict())
+    if asked is not None and resize is not None and resize != asked:
         problems.append(f"download resizing: store was filled with img2dataset resize {resize}, this run asks for "
-                        f"{_download_resize(cfg.to_dict())} (other pixels: --download-resize-mode and "
-                        f"--download-image-size as the store's)")
+                        f"{asked} (other pixels: --download-resize-mode and --download-image-size as the store's)")
     if problems:
         raise StoreMismatchError(
             f"refusing to resume or append to {store.url}:\n  " + "\n  ".join(problems)
