@@ -15,7 +15,6 @@ from store_helpers import make_store, write_shard
 
 SIZES = (("a", 10), ("b", 7), ("c", 13))
 TOKEN_BYTES = 32 * 2  # d 32, fp16
-SCRATCH = (1 << 17) * (2 + 4)  # one gather thread's block scratch at d 32 (4,096 rows, fp16 and float32)
 
 
 @pytest.fixture
@@ -42,7 +41,7 @@ def test_memory_sizes_the_two_windows_after_the_fixed_buffers(store, threads, ga
     reader = ShuffledReader(store, "resid_2", memory=budget, threads=threads, gather_threads=gather, batch_size=8)
     plan = reader.memory_plan()
     fixed = plan["fixed_bytes"]
-    assert fixed == gather * (1 << 17) * (2 + 4)  # only the gather scratch: local, uncompressed, all tokens
+    assert fixed == 0  # local, uncompressed, all tokens: no buffer but the windows (the fused gather needs no scratch)
     assert reader.window_tokens == (budget - fixed) // (2 * TOKEN_BYTES)
     assert plan["total_bytes"] <= budget
     assert [b.nbytes for b in reader.engine.buffers] == [plan["window_bytes"]] * 2
@@ -59,12 +58,12 @@ def test_memory_sizes_the_two_windows_after_the_fixed_buffers(store, threads, ga
 
 def test_memory_too_small_for_one_chunk_a_window_says_what_it_needs(store):
     with pytest.raises(ConfigError, match=r"too small for this store.*need"):
-        ShuffledReader(store, "resid_2", memory=100_000, threads=1, gather_threads=1)
+        ShuffledReader(store, "resid_2", memory=5_000, threads=1, gather_threads=1)  # two chunks need 8,704
 
 
 def test_memory_sized_windows_read_like_the_same_buffer_tokens(store):
     kw = dict(batch_size=8, seed=5, return_ids=True, threads=1, gather_threads=1)
-    budget = SCRATCH + 2 * 200 * TOKEN_BYTES  # windows of 200 tokens: 2 chunks of 68, of 510 tokens in all
+    budget = 2 * 200 * TOKEN_BYTES  # windows of 200 tokens: 2 chunks of 68, of 510 tokens in all
     by_memory = ShuffledReader(store, "resid_2", memory=budget, **kw)
     tokens = by_memory.window_tokens
     assert tokens == (budget - by_memory.memory_plan()["fixed_bytes"]) // (2 * TOKEN_BYTES)
@@ -76,7 +75,7 @@ def test_memory_sized_windows_read_like_the_same_buffer_tokens(store):
 
 def test_resume_compares_the_windows_however_they_were_sized(store):
     kw = dict(batch_size=8, seed=5, return_ids=True, threads=1, gather_threads=1)
-    memory = SCRATCH + 2 * 150 * TOKEN_BYTES
+    memory = 2 * 150 * TOKEN_BYTES
     first = ShuffledReader(store, "resid_2", memory=memory, **kw)
     it = iter(first)
     head = [next(it) for _ in range(5)]
@@ -87,7 +86,7 @@ def test_resume_compares_the_windows_however_they_were_sized(store):
     full = list(ShuffledReader(store, "resid_2", memory=memory, **kw))
     tail = list(same)
     assert all(torch.equal(a[1], b[1]) for a, b in zip(head + tail, full, strict=True))
-    other = ShuffledReader(store, "resid_2", memory=SCRATCH + 2 * 100 * TOKEN_BYTES, **kw)
+    other = ShuffledReader(store, "resid_2", memory=2 * 100 * TOKEN_BYTES, **kw)
     with pytest.raises(ConfigError, match="buffer_tokens"):
         other.load_state_dict(state)
 

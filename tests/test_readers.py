@@ -277,17 +277,17 @@ def test_one_rank_resolution_for_every_component(monkeypatch, store):
 
 # ---------------------------------------------------------------------------- output paths
 @pytest.fixture
-def small_blocks(monkeypatch):
-    """Gather blocks of 5 rows (instead of ~4096 at d=32), so batches span many blocks and the
-    split between gather threads falls inside windows and batches."""
+def split_gathers(monkeypatch):
+    """Every gather split between the gather threads (small ones otherwise run in the caller's
+    thread), so the split falls inside windows and batches."""
     from activation_store.readers import engine
 
-    monkeypatch.setattr(engine, "BLOCK_VALUES", 5 * 32)
+    monkeypatch.setattr(engine, "INLINE_VALUES", 0)
 
 
 @pytest.mark.parametrize("storage_dtype", ["fp16", "bf16", "fp32", "fp8"])
 @pytest.mark.parametrize("tokens", ["all", "patches", "cls"])
-def test_converted_batches_equal_the_storage_dtype_batches_converted(tmp_path, small_blocks, storage_dtype, tokens):
+def test_converted_batches_equal_the_storage_dtype_batches_converted(tmp_path, split_gathers, storage_dtype, tokens):
     s = make_store(str(tmp_path / storage_dtype), dtype=storage_dtype)
     s.plan_shards(list(SIZES))
     for seed, (src, n) in enumerate(SIZES):
@@ -309,7 +309,7 @@ def test_converted_batches_equal_the_storage_dtype_batches_converted(tmp_path, s
         assert torch.equal(torch.cat(xs), r.normalizer.apply(want))  # the same ops, bit for bit
 
 
-def test_every_batch_stays_valid_while_the_caller_holds_it(store, small_blocks):
+def test_every_batch_stays_valid_while_the_caller_holds_it(store, split_gathers):
     """Batch memory is reused only once nothing refers to it: batches kept whole, as views or as
     numpy arrays keep their values while later batches are made."""
     kw = dict(batch_size=8, buffer_tokens=60, seed=3, return_ids=True, drop_last=True)
