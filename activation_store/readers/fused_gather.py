@@ -89,7 +89,8 @@ def _row_factor_impl(src, scales, i):
 @overload(_value, inline="always")
 def _value_impl(v, factor):
     if v == types.int8:
-        return lambda v, factor: _half_bits_to_f32(np.int16((np.int16(v) << 7) & FP8_MASK)) * factor
+        # 16-bit lanes throughout: an untyped 7 or mask would widen the vector arithmetic to int64
+        return lambda v, factor: _half_bits_to_f32((np.int16(v) << np.int16(7)) & np.int16(FP8_MASK)) * factor
     if v == types.int16:
         return lambda v, factor: _half_bits_to_f32(v)
     if v == types.uint16:
