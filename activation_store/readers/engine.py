@@ -377,7 +377,7 @@ class Engine:
         fused_gather.warm_up(storage_dtype, out_dtype)
 
     def _gather_split(self, slot: int, idx: torch.Tensor, out: torch.Tensor, start: int) -> None:
-        """`_gather` in the gather threads, the rows split evenly between them (in whole blocks)."""
+        """`_gather` in the gather threads, the rows split evenly between them."""
         n = len(idx)
         if n * self.d <= INLINE_VALUES:
             self._gather(slot, idx, out, start)
