@@ -7,8 +7,9 @@ chunk objects at the same concurrency, in the same run (interleaved repetitions)
                                                       # AWS ...); credentials from the environment
 
 Baseline: every chunk object of the location GET whole, in a random order, `--concurrency` at a
-time, through the same client the reader uses (Storage.read_fs: no client-side retries, no SDK
-response checksum), bytes discarded, timed after one connecting GET. Reader: ShuffledReader with io_concurrency = the same
+time, through the same client the reader uses (`Storage.get`: obstore on S3, whose bodies are
+received without the GIL, or with ACTSTORE_S3_CLIENT=fsspec s3fs's read client; no client-side
+retries, no SDK response checksum), bytes discarded, timed after one connecting GET. Reader: ShuffledReader with io_concurrency = the same
 concurrency, timed from the start of its iteration to its last batch (the epoch's metadata reads
 and the first window's load included).
 Both are reported in tokens/s of committed tokens (the baseline's bytes include the chunks'
@@ -21,6 +22,7 @@ import argparse
 import os
 import platform
 import socket
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -46,13 +48,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_moto():
-    from moto.server import ThreadedMotoServer
+class _MotoProcess:
+    """moto's S3 server in a process of its own (as any real endpoint is: outside the reader's
+    interpreter, so its request handling does not take the reader's GIL)."""
 
+    def __init__(self, port: int) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while True:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"moto's server exited with {self.proc.returncode} before it listened on {port}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise SystemExit(f"moto's server did not listen on {port} within 60 s")
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_moto(in_process: bool = False):
     for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                  "AWS_DEFAULT_REGION": "us-east-1", "NO_PROXY": "127.0.0.1,localhost"}.items():
         os.environ.setdefault(k, v)
     port = free_port()
+    if not in_process:
+        return _MotoProcess(port), f"http://127.0.0.1:{port}"
+    from moto.server import ThreadedMotoServer
+
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     return server, f"http://127.0.0.1:{port}"
@@ -75,16 +108,18 @@ def build_store(url: str, opts: dict, n_images: int, d: int, codec: str, chunk_i
 
 
 def raw_get_rate(url: str, opts: dict, keys: list[str], concurrency: int, tokens: int, rng) -> dict:
-    """Tokens/s (and MB/s) of GETting every key whole, in a random order, `concurrency` at a time."""
+    """Tokens/s (and MB/s) of GETting every key whole, in a random order, `concurrency` at a time,
+    through the client the reader's GETs use (`Storage.get`: obstore on S3, or fsspec's read client
+    with ACTSTORE_S3_CLIENT=fsspec), bytes discarded."""
     storage = Storage(url, opts)
-    fs = storage.read_fs()
-    paths = [storage.path(keys[i]) for i in rng.permutation(len(keys))]
-    fs.cat_file(paths[0])  # connect (the reader's store is already open, too)
+    order = [keys[i] for i in rng.permutation(len(keys))]
+    storage.get(order[0])  # connect (the reader's store is already open, too)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        nbytes = sum(len(b) for b in pool.map(fs.cat_file, paths))
+        nbytes = sum(len(b) for b in pool.map(storage.get, order))
     dt = time.perf_counter() - t0
-    return {"tokens_s": tokens / dt, "MB_s": nbytes / dt / 1e6, "seconds": dt}
+    return {"tokens_s": tokens / dt, "MB_s": nbytes / dt / 1e6, "seconds": dt,
+            "client": "obstore" if storage.object_getter() is not None else "fsspec"}
 
 
 def reader_rate(url: str, opts: dict, args, dtype: str) -> dict:
@@ -121,12 +156,15 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="float16,float32")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--json", default="benchmarks/results/read_s3.json")
+    ap.add_argument("--moto-in-process", action="store_true",
+                    help="run moto in this process's threads (as runs before 2026-12-01 did: its request handling "
+                         "then shares the reader's GIL); default: a process of its own")
     args = ap.parse_args(argv)
 
     server = None
     endpoint = args.endpoint_url
     if endpoint is None:
-        server, endpoint = start_moto()
+        server, endpoint = start_moto(args.moto_in_process)
         import boto3
 
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=args.url.split("/")[2])
@@ -166,10 +204,10 @@ def main(argv=None) -> int:
             print(f"{r['concurrency']:>14} {i + 1:>3} {raw['tokens_s']:>16,.0f} {raw['MB_s']:>8.0f} {cells}")
     print(f"\n{store.n_images} images x 257 tokens x d {store.d_model} ({args.codec}), {len(keys)} chunk objects of "
           f"{args.chunk_images} images; reader: windows of {args.buffer_tokens:,} tokens, prefetch {args.prefetch}, "
-          f"{args.threads} decode threads; endpoint {'moto on 127.0.0.1' if server else endpoint}")
+          f"{args.threads} decode threads; endpoint {('moto in this process' if args.moto_in_process else 'moto in its own process') + ' on 127.0.0.1' if server else endpoint}")
     meta = {"machine": {"cpus": len(os.sched_getaffinity(0)), "platform": platform.platform(),
                         "load": os.getloadavg()},
-            "endpoint": "moto (127.0.0.1)" if server else endpoint, "images": store.n_images,
+            "endpoint": (("moto in process" if args.moto_in_process else "moto, own process") + " (127.0.0.1)") if server else endpoint, "images": store.n_images,
             "d_model": store.d_model, "codec": args.codec, "chunk_objects": len(keys),
             "buffer_tokens": args.buffer_tokens, "prefetch": args.prefetch, "threads": args.threads}
     write_results(args.json, meta, rows)

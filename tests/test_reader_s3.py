@@ -218,3 +218,29 @@ def test_prefetcher_keeps_its_depth_and_hands_out_each_object_once(s3, url):
         assert pf.pending == 0
     assert not storage._prefetchers
     assert store.n_images == 17
+
+
+def test_gets_go_through_obstore_and_give_what_fsspec_gives(s3, url, monkeypatch):
+    """S3 GETs use obstore (bodies received without the GIL); the fsspec client, kept for options
+    only s3fs understands, gives the very same batches."""
+    from activation_store.store.object_reads import getter_for
+
+    _write(s3, url)
+    store = open_store(url, {"endpoint_url": s3})
+    getter = store.storage.object_getter()
+    assert getter is not None
+    paths = []
+    real_get = getter.get
+    monkeypatch.setattr(getter, "get", lambda path, timeout=None: paths.append(path) or real_get(path, timeout))
+    fast = _drain(ShuffledReader(store, "resid_2", **KW))
+    assert sum("/resid_2/c/" in p for p in paths) == len(store.chunk_refs("resid_2"))  # every chunk, by obstore
+    monkeypatch.setenv("ACTSTORE_S3_CLIENT", "fsspec")
+    slow_store = open_store(url, {"endpoint_url": s3})
+    assert slow_store.storage.object_getter() is None
+    slow = _drain(ShuffledReader(slow_store, "resid_2", **KW))
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+    monkeypatch.delenv("ACTSTORE_S3_CLIENT")
+    assert getter_for("s3", {"endpoint_url": s3, "requester_pays": True}) is None  # an s3fs-only option
+    assert getter_for("gs", {}) is None
+    assert store.storage.read_bytes("zarr.json", count=False) == slow_store.storage.read_bytes("zarr.json", count=False)
+    assert isinstance(store.storage.read_bytes("zarr.json", count=False), bytes)

@@ -589,7 +589,7 @@ class ActivationStore:
             self.storage.count_read(out.nbytes + CRC_BYTES)
             return
         if codec is not None:
-            data = self.storage.read_bytes(key)
+            data = self.storage.read_bytes(key, buffer=True)
             if data is None:
                 raise ChunkMissingError(f"{what} is missing from storage; run `actstore verify {self.url}`")
             codec.decode_into(data, out, what)

@@ -7,9 +7,11 @@ refused permission becomes one StorageWriteError that says what to do, never a r
 Every read of an object's bytes goes through `read_bytes` / `read_many`: a GET that fails with a
 transient error (a 5xx, a reset connection, a timeout, a GET slower than the policy's timeout)
 is retried with exponential back-off and jitter (`ReadPolicy`); an object that keeps failing
-raises ChunkReadError naming it. On object stores these reads use a filesystem instance of their
-own whose client does not retry by itself (botocore's and s3fs's own retries would multiply ours
-and hide a dead endpoint for minutes). A `Prefetcher` GETs objects ahead of their use, a bounded
+raises ChunkReadError naming it. On S3-compatible stores these GETs go through obstore
+(`object_reads.py`: bodies received without the GIL, 2-14x s3fs's rate beside busy Python
+threads); elsewhere, or with options only s3fs understands, through a filesystem instance of
+their own. Neither client retries by itself (botocore's and s3fs's own retries would multiply
+ours and hide a dead endpoint for minutes). A `Prefetcher` GETs objects ahead of their use, a bounded
 number at a time; `read_bytes` hands out what it fetched."""
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import zarr.storage
 
 from activation_store.errors import ActivationStoreError, ChunkReadError, StorageWriteError
 from activation_store.faults import kill_point
+from activation_store.store.object_reads import getter_for
 
 TMP_MARK = ".tmp-"  # write_bytes writes `<key>.tmp-<32 hex digits>`, then renames it over `<key>`
 _TMP = re.compile(r"\.tmp-[0-9a-f]{32}$")
@@ -124,6 +127,8 @@ class Storage:
         self._count_lock = threading.Lock()
         self.read_policy = ReadPolicy()  # retries of reads not made through a Prefetcher
         self._read_fs = None
+        self._getter = None  # obstore's GETs (object_reads.py), when they apply
+        self._getter_known = False
         self._fs_lock = threading.Lock()
         self._prefetch_lock = threading.Lock()
         self._prefetchers: list[Prefetcher] = []
@@ -201,12 +206,24 @@ class Storage:
                 self._read_fs = fs
         return self._read_fs
 
+    def object_getter(self):
+        """The obstore client our GETs use on this store, or None (fsspec's read client then)."""
+        if self.is_local:
+            return None
+        with self._fs_lock:
+            if not self._getter_known:
+                self._getter = getter_for(self.url.split("://", 1)[0], self.storage_options)
+                self._getter_known = True
+        return self._getter
+
     def connect(self) -> None:
         """Set up the read client now (an S3 client takes ~0.1-0.2 s to create), not at the first
         read. Errors are left to the reads, which retry and name what failed."""
         if self.is_local:
             return
         try:
+            if self.object_getter() is not None:
+                return
             fs = self.read_fs()
             if hasattr(fs, "connect"):
                 fs.connect()
@@ -214,16 +231,20 @@ class Storage:
             pass
 
     def _get_once(self, path: str, timeout: float | None):
-        fs = self.read_fs()
+        getter = self.object_getter()
         with self._count_lock:
             self.get_attempts += 1
+        if getter is not None:
+            return getter.get(path, timeout)
+        fs = self.read_fs()
         if timeout and getattr(fs, "async_impl", False) and getattr(fs, "loop", None) is not None:
             return fsspec.asyn.sync(fs.loop, fs._cat_file, path, timeout=timeout)
         return fs.cat_file(path)
 
-    def get(self, key: str, policy: ReadPolicy | None = None) -> bytes | None:
-        """The object's bytes (None when absent), retried by `policy` (default: `read_policy`);
-        ChunkReadError, naming the object, when every attempt failed. Counts no bytes."""
+    def get(self, key: str, policy: ReadPolicy | None = None):
+        """The object's bytes (None when absent) as a buffer (bytes, or obstore's), retried by
+        `policy` (default: `read_policy`); ChunkReadError, naming the object, when every attempt
+        failed. Counts no bytes."""
         policy = policy or self.read_policy
         path = self.path(key)
         failed, last = 0, None
@@ -254,7 +275,9 @@ class Storage:
                     return fut
         return None
 
-    def read_bytes(self, key: str, count: bool = True) -> bytes | None:
+    def read_bytes(self, key: str, count: bool = True, buffer: bool = False):
+        """The object's bytes, None when absent. `buffer`: any buffer will do (what the GET gave,
+        uncopied: chunk decoders read it with numpy); else `bytes`."""
         fut = self._take_prefetched(key)
         if fut is not None and not fut.cancelled():
             try:
@@ -267,7 +290,7 @@ class Storage:
             return None
         if count:
             self.count_read(len(data))
-        return data
+        return data if buffer or isinstance(data, bytes) else bytes(data)
 
     def read_many(self, keys: list[str]) -> dict[str, bytes | None]:
         """{key: bytes or None when absent}; concurrent requests on object stores, each failed one
