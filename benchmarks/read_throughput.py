@@ -341,9 +341,16 @@ def main(argv=None) -> int:
     for r in rows:
         r["float32_over_fp16_out_warm"] = r["shuffled_warm"] / r["shuffled_fp16_out"]
         r["float32_over_fp16_out_cold"] = r["shuffled_cold"] / r["shuffled_fp16_out_cold"]
+        # each interleaved pair on its own (the passes of one pair share the machine's state; on a
+        # shared machine the median of these is steadier than the ratio of the medians)
+        for cache, f32, f16 in (("warm", "shuffled_warm_passes", "shuffled_fp16_out_passes"),
+                                ("cold", "shuffled_cold_passes", "shuffled_fp16_out_cold_passes")):
+            pairs = [a / b for a, b in zip(r.get(f32) or [], r.get(f16) or [])]
+            r[f"float32_over_fp16_out_{cache}_per_pass"] = pairs
+        per_pass = ", ".join(f"{x:.2f}" for x in r["float32_over_fp16_out_warm_per_pass"])
         b = r["bytes_per_value"]
-        print(f"{r['codec']:<13} {r['store_dtype']:<5} float32 out / fp16 out: warm {r['float32_over_fp16_out_warm']:.2f}, "
-              f"cold {r['float32_over_fp16_out_cold']:.2f}; bytes/value {b['all_objects']:.4f} (every object of the "
+        print(f"{r['codec']:<13} {r['store_dtype']:<5} float32 out / fp16 out: warm {r['float32_over_fp16_out_warm']:.2f} "
+              f"(per interleaved pass: {per_pass}), cold {r['float32_over_fp16_out_cold']:.2f}; bytes/value {b['all_objects']:.4f} (every object of the "
               f"data{' and scale' if r['store_dtype'] == 'fp8' else ''} arrays; info: {b['info']:.4f})")
     ratios = []
     by = {(r["codec"], r["store_dtype"]): r for r in rows}

@@ -43,8 +43,9 @@ class ObjectGetter:
             store = self._stores.get(key)
             if store is None:
                 client = dict(self._config["client_options"])
-                if timeout:
-                    client["timeout"] = timedelta(seconds=float(timeout))
+                # no timeout asked for: a day, not object_store's own default of 30 s (which would
+                # fail, and retry in vain, any object slower than that to arrive)
+                client["timeout"] = timedelta(seconds=float(timeout) if timeout else 86400.0)
                 store = self._stores[key] = S3Store(bucket, config=self._config["config"], client_options=client,
                                                     retry_config={"max_retries": 0},
                                                     credential_provider=self._credentials)
