@@ -310,7 +310,7 @@ class Storage:
             elif isinstance(v, _FINAL_ERRORS):
                 raise v
             elif v is None or isinstance(v, BaseException):
-                out[k] = self.get(k)
+                out[k] = self.read_bytes(k, count=False)  # bytes, whichever client GETs it
             else:
                 out[k] = v
         return out
