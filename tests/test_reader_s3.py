@@ -244,3 +244,30 @@ def test_gets_go_through_obstore_and_give_what_fsspec_gives(s3, url, monkeypatch
     assert getter_for("gs", {}) is None
     assert store.storage.read_bytes("zarr.json", count=False) == slow_store.storage.read_bytes("zarr.json", count=False)
     assert isinstance(store.storage.read_bytes("zarr.json", count=False), bytes)
+
+
+@pytest.mark.parametrize("tokens", ["all", "cls"])
+def test_an_fp8_store_on_s3_reads_as_on_disk_with_its_scales_prefetched(s3, url, tmp_path, monkeypatch, tokens):
+    """fp8 on an object store: the batches equal those of the same store on a local disk, and each
+    chunk's scale object is fetched once, by the prefetcher, beside its codes."""
+    def build(where, **kw):
+        st = make_store(where, dtype="fp8", **kw)
+        st.plan_shards([("a", 10), ("b", 7)])
+        write_shard(st, "a", 0, 10)
+        write_shard(st, "b", 1, 7)
+        return st
+
+    build(url, storage_options={"endpoint_url": s3})
+    local = build(str(tmp_path / "local"))
+    want = _drain(ShuffledReader(open_store(local.url), "resid_2", tokens=tokens, dtype="float32", **KW))
+    store = open_store(url, {"endpoint_url": s3})
+    getter = store.storage.object_getter()
+    paths = []
+    real_get = getter.get
+    monkeypatch.setattr(getter, "get", lambda path, timeout=None: paths.append((path, threading.current_thread().name))
+                        or real_get(path, timeout))
+    got = _drain(ShuffledReader(store, "resid_2", tokens=tokens, dtype="float32", **KW))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    scales = [(p, who) for p, who in paths if "/scales/" in p and "/c/" in p]
+    assert len(scales) == len({p for p, _ in scales}) == len(store.chunk_refs("resid_2", cls=tokens == "cls"))  # once each
+    assert all(who.startswith("actstore-get") for _, who in scales), scales  # by the prefetcher's threads

@@ -44,7 +44,7 @@ from activation_store.readers.normalize import Normalizer
 from activation_store.readers.selection import TokenSelection
 from activation_store.store import ChunkRef
 from activation_store.store.encoding import SCALE_DTYPE, is_quantized, physical_dtype
-from activation_store.store.layout import array_key, chunk_key, cls_array_key
+from activation_store.store.layout import array_key, chunk_key, cls_array_key, scale_array_key
 from activation_store.store.storage import ReadPolicy
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -201,6 +201,10 @@ class Engine:
     def _chunk_key(self, chunk: ChunkRef) -> str:
         return chunk_key(chunk.array_key, chunk.index, 2 if self.sel.cls_only else 3)
 
+    def _scale_key(self, chunk: ChunkRef) -> str:
+        """fp8: the chunk of the scales beside chunk `chunk` of the codes."""
+        return chunk_key(scale_array_key(chunk.array_key), chunk.index, 1 if self.sel.cls_only else 2)
+
     def _staging(self, chunk: ChunkRef) -> tuple[np.ndarray, np.ndarray | None]:
         shape = (chunk.rows_per_chunk, self.store.n_tokens, self.d)
         st = getattr(self._local, "staging", None)
@@ -255,14 +259,20 @@ class Engine:
         if self._readahead_pool is None:
             self._readahead_pool = ThreadPoolExecutor(1, thread_name_prefix="actstore-readahead")
         paths = [self.store.storage.path(self._chunk_key(u)) for u in window[:self.cfg.threads]]
+        if self.quantized:  # every scale file of the window first (1/d of its bytes): their reads then cost no wait
+            paths = [self.store.storage.path(self._scale_key(u)) for u in window] + paths
         self._readahead_pool.submit(_will_need, paths)
 
     def _prefetcher(self, windows: list[list[ChunkRef]]):
         """Object stores, chunks our own codec decodes: GET them ahead, in window order."""
         if not self.remote or self.store.chunk_codec(windows[0][0].array_key) is None:
             return None
-        keys = [self._chunk_key(u) for w in windows for u in w]
-        return self.store.storage.prefetcher(keys, self.cfg.prefetch, self.cfg.io_concurrency, self.policy)
+        if not self.quantized:
+            keys = [self._chunk_key(u) for w in windows for u in w]
+            return self.store.storage.prefetcher(keys, self.cfg.prefetch, self.cfg.io_concurrency, self.policy)
+        # fp8: each chunk's scales (1/d of its bytes) fetched beside its codes, not after them
+        keys = [k for w in windows for u in w for k in (self._chunk_key(u), self._scale_key(u))]
+        return self.store.storage.prefetcher(keys, 2 * self.cfg.prefetch, self.cfg.io_concurrency, self.policy)
 
     def window_order(self, epoch: int, w: int, slot: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Buffer positions of the window's valid tokens, permuted (or in order), and their ids."""
