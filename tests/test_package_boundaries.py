@@ -47,3 +47,35 @@ assert not any(n.startswith(("open_clip", "activation_store.harvest")) for n in 
 """
     done = _run(code)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_a_reader_that_converts_nothing_needs_no_numba(tmp_path):
+    """numba compiles the CPU's converting gather only; a reader of batches in the storage dtype
+    (as on a GPU trainer, which decodes on the device) never imports it, so a GPU machine without
+    it still reads."""
+    code = f"""
+class NoNumba(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {{"numba", "llvmlite"}}:
+            raise ImportError(f"{{name}} is not installed here")
+sys.meta_path.insert(0, NoNumba())
+import numpy as np
+from activation_store import ShuffledReader
+from activation_store.store import ActivationStore, ImageRecord, StoreConfig
+s = ActivationStore.create({str(tmp_path / "s")!r}, locations="resid_0", n_tokens=5, d_model=8,
+                           config=StoreConfig(dtype="fp16", chunk_images=8, region_images=8))
+s.plan_shards([("a", 16)])
+with s.writer("a") as w:
+    w.add({{"resid_0": np.random.default_rng(0).standard_normal((16, 5, 8)).astype(np.float32)}},
+          [ImageRecord(str(i)) for i in range(16)])
+n = sum(len(x) for x in ShuffledReader(s, "resid_0", dtype="float16", batch_size=16, buffer_tokens=40, threads=1))
+assert n == 80, n
+try:
+    ShuffledReader(s, "resid_0", dtype="float32", batch_size=16, buffer_tokens=40, threads=1)
+except ImportError as e:
+    assert "numba" in str(e) or "llvmlite" in str(e), e
+else:
+    raise AssertionError("the converting reader did not need numba")
+"""
+    done = _run(code)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -38,7 +38,6 @@ import torch
 
 from activation_store.devices import torch_device
 from activation_store.errors import ConfigError
-from activation_store.readers import fused_gather
 from activation_store.readers.config import ReaderConfig
 from activation_store.readers.normalize import Normalizer
 from activation_store.readers.selection import TokenSelection
@@ -376,7 +375,12 @@ class Engine:
         return self.batches.take(n)
 
     def _fused_setup(self, storage_dtype: str, out_dtype: str) -> None:
-        """The numpy views and float32 normalisation the fused gather takes, and its kernel compiled."""
+        """The numpy views and float32 normalisation the fused gather takes, and its kernel compiled.
+        Imported here, not above: a reader on a GPU decodes on the device and never needs numba
+        (nor its ~0.5 s import)."""
+        from activation_store.readers import fused_gather
+
+        self.fused = fused_gather
         self.fused_src = [b.view(fused_gather.SOURCE_VIEW[storage_dtype]) for b in self.buffers]
         self.fused_scales = self.scale_buffers or [fused_gather.NO_SCALES] * 2
         self.fused_out_view = fused_gather.OUTPUT_VIEW[out_dtype]
@@ -409,8 +413,8 @@ class Engine:
             return
         rows = out[start:start + n]
         dst = rows.numpy() if self.out_dtype == torch.float32 else rows.view(torch.int16).numpy().view(self.fused_out_view)
-        fused_gather.gather_rows(self.fused_src[slot], idx.numpy(), self.fused_scales[slot], self.fused_shift,
-                                 self.fused_scale, self.fused_normalise, dst)
+        self.fused.gather_rows(self.fused_src[slot], idx.numpy(), self.fused_scales[slot], self.fused_shift,
+                               self.fused_scale, self.fused_normalise, dst)
 
     def _cuda_slot(self, out: torch.Tensor) -> int:
         return next(i for i, t in enumerate(self.out) if t.data_ptr() == out.data_ptr())
