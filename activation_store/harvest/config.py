@@ -37,6 +37,11 @@ class DownloadConfig:
                                       "non-public addresses (hosts are resolved; by default such URLs are refused)")
     allow_file_urls: bool = option(False, help="also download file:// URLs (local files; by default refused)")
 
+    @staticmethod
+    def resize_of(resize_mode: str, image_size: int) -> tuple[str, int | None]:
+        """What decides the pixels of downloaded shards: (mode, size), the size None without resizing."""
+        return resize_mode, None if resize_mode == "no" else image_size
+
     def __post_init__(self) -> None:
         for name in ("number_sample_per_shard", "processes_count", "thread_count", "timeout", "image_size"):
             if getattr(self, name) < 1:

@@ -23,7 +23,7 @@ from activation_store.errors import (
     StoreMismatchError,
     StoreNotFoundError,
 )
-from activation_store.harvest.config import HarvestConfig
+from activation_store.harvest.config import DownloadConfig, HarvestConfig
 from activation_store.harvest.model import LoadedViT
 from activation_store.harvest.pipeline import DecodePool, ShardRunner
 from activation_store.harvest.sources import InputShard, folder_shards, webdataset_shards
@@ -89,8 +89,9 @@ def _download_resize(harvest_config: dict) -> tuple | None:
     if not harvest_config.get("urls"):
         return None
     download = harvest_config.get("download") or {}
-    mode = download.get("resize_mode", "no")
-    return (mode, None if mode == "no" else download.get("image_size", 256))
+    defaults = DownloadConfig()
+    return DownloadConfig.resize_of(download.get("resize_mode", defaults.resize_mode),
+                                    download.get("image_size", defaults.image_size))
 
 
 def open_or_create_store(cfg: HarvestConfig, model: LoadedViT, shards: list[InputShard], rank: int, world: int = 1,

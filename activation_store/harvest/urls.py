@@ -128,7 +128,7 @@ class UrlDownloader:
                 "allow_private_urls": self.cfg.allow_private_urls, "allow_file_urls": self.cfg.allow_file_urls,
                 "urls_sha256": hashlib.sha256(json.dumps(mine_urls).encode()).hexdigest(),
                 # shards resized otherwise hold other pixels: download again
-                "resize": [self.cfg.resize_mode, None if self.cfg.resize_mode == "no" else self.cfg.image_size]}
+                "resize": list(self.cfg.resize_of(self.cfg.resize_mode, self.cfg.image_size))}
         self.work.mkdir(parents=True, exist_ok=True)
         path = self.work / "plan.json"
         try:

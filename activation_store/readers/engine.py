@@ -134,7 +134,7 @@ class Engine:
                            for _ in range(PINNED_OUTPUTS)] if self.cuda and self.quantized else []
         self.out_ready = [None] * PINNED_OUTPUTS
         # on the CPU, a batch wanted in the storage dtype is gathered straight into a fresh tensor;
-        # any other is gathered and converted block by block (see the module docstring)
+        # any other goes through the fused gather (see the module docstring)
         self.fresh_native = (not self.cuda and normalizer.mode == "none" and self.out_dtype == self.storage_dtype
                              and not self.quantized)
         if not self.cuda and not self.fresh_native:
@@ -204,6 +204,10 @@ class Engine:
         """fp8: the chunk of the scales beside chunk `chunk` of the codes."""
         return chunk_key(scale_array_key(chunk.array_key), chunk.index, 1 if self.sel.cls_only else 2)
 
+    def _object_keys(self, chunk: ChunkRef) -> tuple[str, ...]:
+        """Every object a chunk's load reads: its codes or values (fp8: and its scales)."""
+        return (self._chunk_key(chunk), self._scale_key(chunk)) if self.quantized else (self._chunk_key(chunk),)
+
     def _staging(self, chunk: ChunkRef) -> tuple[np.ndarray, np.ndarray | None]:
         shape = (chunk.rows_per_chunk, self.store.n_tokens, self.d)
         st = getattr(self._local, "staging", None)
@@ -266,12 +270,11 @@ class Engine:
         """Object stores, chunks our own codec decodes: GET them ahead, in window order."""
         if not self.remote or self.store.chunk_codec(windows[0][0].array_key) is None:
             return None
-        if not self.quantized:
-            keys = [self._chunk_key(u) for w in windows for u in w]
-            return self.store.storage.prefetcher(keys, self.cfg.prefetch, self.cfg.io_concurrency, self.policy)
-        # fp8: each chunk's scales (1/d of its bytes) fetched beside its codes, not after them
-        keys = [k for w in windows for u in w for k in (self._chunk_key(u), self._scale_key(u))]
-        return self.store.storage.prefetcher(keys, 2 * self.cfg.prefetch, self.cfg.io_concurrency, self.policy)
+        # fp8: each chunk's scales (1/d of its bytes) fetched beside its codes, not after them; the
+        # depth counts chunks, so as many objects a chunk as it reads
+        per_chunk = len(self._object_keys(windows[0][0]))
+        keys = [k for w in windows for u in w for k in self._object_keys(u)]
+        return self.store.storage.prefetcher(keys, per_chunk * self.cfg.prefetch, self.cfg.io_concurrency, self.policy)
 
     def window_order(self, epoch: int, w: int, slot: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Buffer positions of the window's valid tokens, permuted (or in order), and their ids."""
@@ -385,9 +388,7 @@ class Engine:
         self.fused_scales = self.scale_buffers or [fused_gather.NO_SCALES] * 2
         self.fused_out_view = fused_gather.OUTPUT_VIEW[out_dtype]
         self.fused_normalise = self.normalizer.mode != "none"
-        # the same float64 -> float32 rounding as Normalizer.apply_'s tensors
-        self.fused_shift = np.ascontiguousarray(self.normalizer.shift, dtype=np.float32)
-        self.fused_scale = np.ascontiguousarray(self.normalizer.scale, dtype=np.float32)
+        self.fused_shift, self.fused_scale = self.normalizer.float32_arrays()  # what apply_ uses
         fused_gather.warm_up(storage_dtype, out_dtype)
 
     def _gather_split(self, slot: int, idx: torch.Tensor, out: torch.Tensor, start: int) -> None:

@@ -65,6 +65,11 @@ class Normalizer:
         shift, scale = self._tensors(x)
         return x.sub_(shift).mul_(scale)
 
+    def float32_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(shift, scale) as the float32 values `apply_` computes with (for the readers' fused gather)."""
+        shift, scale = self._tensors(torch.empty(0, dtype=torch.float32))
+        return shift.numpy(), scale.numpy()
+
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         if self.mode == "none":
             return y

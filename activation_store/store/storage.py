@@ -39,6 +39,7 @@ from activation_store.store.object_reads import getter_for
 
 TMP_MARK = ".tmp-"  # write_bytes writes `<key>.tmp-<32 hex digits>`, then renames it over `<key>`
 _TMP = re.compile(r"\.tmp-[0-9a-f]{32}$")
+_UNKNOWN = object()  # not looked at yet
 
 
 def is_temporary(key: str) -> bool:
@@ -127,8 +128,7 @@ class Storage:
         self._count_lock = threading.Lock()
         self.read_policy = ReadPolicy()  # retries of reads not made through a Prefetcher
         self._read_fs = None
-        self._getter = None  # obstore's GETs (object_reads.py), when they apply
-        self._getter_known = False
+        self._getter = _UNKNOWN  # obstore's GETs (object_reads.py), None where they do not apply
         self._fs_lock = threading.Lock()
         self._prefetch_lock = threading.Lock()
         self._prefetchers: list[Prefetcher] = []
@@ -211,9 +211,8 @@ class Storage:
         if self.is_local:
             return None
         with self._fs_lock:
-            if not self._getter_known:
+            if self._getter is _UNKNOWN:
                 self._getter = getter_for(self.url.split("://", 1)[0], self.storage_options)
-                self._getter_known = True
         return self._getter
 
     def connect(self) -> None:
