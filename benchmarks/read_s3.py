@@ -52,9 +52,12 @@ class _MotoProcess:
     """moto's S3 server in a process of its own (as any real endpoint is: outside the reader's
     interpreter, so its request handling does not take the reader's GIL)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, cpus: set[int] | None = None) -> None:
+        # With `cpus`, the server runs on those cores only (os.sched_setaffinity in the child before
+        # it starts Python), as a remote endpoint runs on cores of its own.
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
         self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=pin)
         deadline = time.monotonic() + 60
         while True:
             if self.proc.poll() is not None:
@@ -77,13 +80,13 @@ class _MotoProcess:
             self.proc.wait()
 
 
-def start_moto(in_process: bool = False):
+def start_moto(in_process: bool = False, cpus: set[int] | None = None):
     for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                  "AWS_DEFAULT_REGION": "us-east-1", "NO_PROXY": "127.0.0.1,localhost"}.items():
         os.environ.setdefault(k, v)
     port = free_port()
     if not in_process:
-        return _MotoProcess(port), f"http://127.0.0.1:{port}"
+        return _MotoProcess(port, cpus), f"http://127.0.0.1:{port}"
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -159,12 +162,26 @@ def main(argv=None) -> int:
     ap.add_argument("--moto-in-process", action="store_true",
                     help="run moto in this process's threads (as runs before 2026-12-01 did: its request handling "
                          "then shares the reader's GIL); default: a process of its own")
+    ap.add_argument("--split-cpus", action="store_true",
+                    help="give moto's process the first CPU of this process's affinity and this process (the raw "
+                         "GETs and the reader alike) the others, as a remote endpoint has cores of its own; "
+                         "default: all share every CPU")
     args = ap.parse_args(argv)
+    if args.split_cpus and (args.moto_in_process or args.endpoint_url):
+        ap.error("--split-cpus pins the moto server this benchmark starts in its own process; "
+                 "drop --moto-in-process / --endpoint-url")
+    all_cpus = sorted(os.sched_getaffinity(0))
+    server_cpus = None
+    if args.split_cpus:
+        if len(all_cpus) < 2:
+            ap.error("--split-cpus needs at least two CPUs in this process's affinity")
+        server_cpus = {all_cpus[0]}
+        os.sched_setaffinity(0, set(all_cpus[1:]))
 
     server = None
     endpoint = args.endpoint_url
     if endpoint is None:
-        server, endpoint = start_moto(args.moto_in_process)
+        server, endpoint = start_moto(args.moto_in_process, server_cpus)
         import boto3
 
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=args.url.split("/")[2])
@@ -202,12 +219,15 @@ def main(argv=None) -> int:
             cells = " ".join(f"{r[dt][i]['tokens_s']:>16,.0f} {r[dt][i]['tokens_s'] / raw['tokens_s']:>6.2f}"
                              for dt in args.dtypes.split(","))
             print(f"{r['concurrency']:>14} {i + 1:>3} {raw['tokens_s']:>16,.0f} {raw['MB_s']:>8.0f} {cells}")
+    endpoint_label = (("moto in this process" if args.moto_in_process else "moto in its own process")
+                      + (f" on CPU {sorted(server_cpus)}, this process on CPUs {sorted(os.sched_getaffinity(0))}"
+                         if server_cpus else "") + " (127.0.0.1)") if server else endpoint
     print(f"\n{store.n_images} images x 257 tokens x d {store.d_model} ({args.codec}), {len(keys)} chunk objects of "
           f"{args.chunk_images} images; reader: windows of {args.buffer_tokens:,} tokens, prefetch {args.prefetch}, "
-          f"{args.threads} decode threads; endpoint {('moto in this process' if args.moto_in_process else 'moto in its own process') + ' on 127.0.0.1' if server else endpoint}")
-    meta = {"machine": {"cpus": len(os.sched_getaffinity(0)), "platform": platform.platform(),
-                        "load": os.getloadavg()},
-            "endpoint": (("moto in process" if args.moto_in_process else "moto, own process") + " (127.0.0.1)") if server else endpoint, "images": store.n_images,
+          f"{args.threads} decode threads; endpoint {endpoint_label}")
+    meta = {"machine": {"cpus": len(all_cpus), "platform": platform.platform(), "load": os.getloadavg()},
+            "endpoint": endpoint_label, "server_cpus": sorted(server_cpus) if server_cpus else None,
+            "client_cpus": sorted(os.sched_getaffinity(0)), "images": store.n_images,
             "d_model": store.d_model, "codec": args.codec, "chunk_objects": len(keys),
             "buffer_tokens": args.buffer_tokens, "prefetch": args.prefetch, "threads": args.threads}
     write_results(args.json, meta, rows)

@@ -17,7 +17,9 @@ from activation_store.errors import (
 from activation_store.store import ChunkRef, HookLocation, StoreConfig, open_store
 from activation_store.store import activation_store as store_module
 from activation_store.store.audit import verify
-from activation_store.store.chunk_io import ChunkCodec, crc_bytes, crc_matches
+from activation_store.store import chunk_io
+from activation_store.store.chunk_io import ChunkCodec, FramedPayload, crc_bytes, crc_matches
+from activation_store.store.storage import Storage
 from activation_store.store.encoding import physical_dtype
 from store_helpers import write_shard
 
@@ -237,6 +239,30 @@ def test_one_crc_check_and_corrupt_payloads_are_chunk_corrupt_errors():
     good = np.arange(16, dtype=np.float16).reshape(4, 4)
     codec.decode_into(b"".join(bytes(p) for p in codec.encode(good)), out, "chunk x")
     np.testing.assert_array_equal(out, good)
+
+
+@pytest.mark.parametrize("chain", [[{"name": "bytes"}, {"name": "crc32c"}],
+                                   [{"name": "bytes"}, {"name": "zstd", "configuration": {"level": 1}}, {"name": "crc32c"}]])
+@pytest.mark.parametrize("short_writes", [False, True])
+def test_a_chunk_checksummed_piece_by_piece_as_written_is_the_object_encode_gives(tmp_path, monkeypatch, chain,
+                                                                                  short_writes):
+    # the writer's local chunks are checksummed a piece at a time as each piece is written; the file
+    # must be byte for byte payload + crc32c(payload), over piece boundaries and short writes alike
+    monkeypatch.setattr(FramedPayload, "PIECE", 1000)
+    if short_writes:
+        pwrite = os.pwrite
+        monkeypatch.setattr(chunk_io.os, "pwrite", lambda fd, data, off: pwrite(fd, memoryview(data)[:333], off))
+    codec = ChunkCodec(chain)
+    storage = Storage(str(tmp_path / "s"))
+    rng = np.random.default_rng(0)
+    for i, n in enumerate([1, 500, 1000, 3000, 5003]):  # under, at and over piece multiples (in bytes x2)
+        chunk = rng.standard_normal((n, 1)).astype(np.float16)
+        storage.write_chunk(f"a/c/{i}", codec.framed(chunk))
+        data = (tmp_path / "s" / "a" / "c" / str(i)).read_bytes()
+        assert data == b"".join(bytes(memoryview(p).cast("B")) for p in codec.encode(chunk))
+        out = np.empty_like(chunk)
+        codec.decode_into(data, out, "chunk")
+        np.testing.assert_array_equal(out, chunk)
 
 
 def test_verify_uses_the_same_crc_check(padded):

@@ -29,6 +29,39 @@ def crc_bytes(payload) -> bytes:
     return crc32c(payload).to_bytes(CRC_BYTES, "little")
 
 
+class FramedPayload:
+    """A chunk object to be: `payload + crc32c(payload)`. Written to a file descriptor, the checksum
+    is computed a piece at a time just before the piece is written, so `pwrite` copies a piece still
+    in the CPU's cache instead of reading the whole payload from memory a second time (measured on
+    2 cores, 4 threads writing 8.4 MB chunks from 540 MB of memory, `benchmarks/chunk_write.py`:
+    1.00-1.13x the rate of checksum-then-writev, 0.78-0.86 of a plain pwrite with no checksum)."""
+
+    PIECE = 1 << 20  # fits the L2 cache of a core; 256 KB pieces measured slower (more calls)
+
+    def __init__(self, payload: np.ndarray) -> None:
+        self.payload = payload.reshape(-1).view(np.uint8)
+
+    def parts(self) -> list:
+        """The object as buffers to write one after the other (its checksum computed now)."""
+        return [self.payload, crc_bytes(self.payload)]
+
+    def write_to(self, fd: int) -> None:
+        """The whole object into `fd` from offset 0 (short writes finished)."""
+        crc, off, n = 0, 0, self.payload.nbytes
+        while off < n:
+            piece = self.payload[off:off + self.PIECE]
+            crc = crc32c(piece, crc)
+            _pwrite_all(fd, piece, off)
+            off += piece.nbytes
+        _pwrite_all(fd, np.frombuffer(crc.to_bytes(CRC_BYTES, "little"), np.uint8), n)
+
+
+def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
+    done = 0
+    while done < data.nbytes:
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
 def crc_matches(payload, stored_crc) -> bool:
     """Whether `stored_crc` (the 4 bytes after a chunk object's payload) is the checksum of
     `payload`. The package's one checksum check: readers, `pread` and `verify` all use it."""
@@ -61,6 +94,10 @@ class ChunkCodec:
 
     def encode(self, chunk: np.ndarray) -> list:
         """The stored object of a whole chunk, as buffers to write one after the other."""
+        return self.framed(chunk).parts()
+
+    def framed(self, chunk: np.ndarray) -> FramedPayload:
+        """The stored object of a whole chunk, its checksum not yet computed (see FramedPayload)."""
         chunk = np.ascontiguousarray(chunk)
         if self.compressor is None:
             payload = chunk.reshape(-1).view(np.uint8)
@@ -70,7 +107,7 @@ class ChunkCodec:
             if chunk.dtype.itemsize != self._typesize:
                 raise StoreFormatError(f"blosc typesize {self._typesize} of the codec chain does not match dtype {chunk.dtype}")
             payload = np.frombuffer(self._blosc.encode(chunk), np.uint8)
-        return [payload, crc_bytes(payload)]
+        return FramedPayload(payload)
 
     @property
     def uncompressed(self) -> bool:

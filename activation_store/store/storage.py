@@ -35,6 +35,7 @@ import zarr.storage
 
 from activation_store.errors import ActivationStoreError, ChunkReadError, StorageWriteError
 from activation_store.faults import kill_point
+from activation_store.store.chunk_io import FramedPayload
 from activation_store.store.object_reads import getter_for
 
 TMP_MARK = ".tmp-"  # write_bytes writes `<key>.tmp-<32 hex digits>`, then renames it over `<key>`
@@ -395,33 +396,39 @@ class Storage:
         except OSError as exc:
             raise self.write_error(exc, key) from exc
 
-    def write_chunk(self, key: str, parts: list) -> None:
-        """Write a chunk object from buffers. Not atomic on local disks: chunks are only read once
-        their shard is committed, and a rerun of an uncommitted shard rewrites them."""
+    def write_chunk(self, key: str, parts: list | FramedPayload) -> None:
+        """Write a chunk object from buffers (or a FramedPayload: its checksum is computed as it is
+        written). Not atomic on local disks: chunks are only read once their shard is committed,
+        and a rerun of an uncommitted shard rewrites them."""
         path = self.path(key)
         try:
             if self.is_local:
                 self._write_local_chunk(path, parts)
             else:
+                if isinstance(parts, FramedPayload):
+                    parts = parts.parts()
                 self.fs.pipe_file(path, b"".join(bytes(memoryview(p).cast("B")) for p in parts))
         except OSError as exc:
             raise self.write_error(exc, key) from exc
 
     @staticmethod
-    def _write_local_chunk(path: str, parts: list) -> None:
+    def _write_local_chunk(path: str, parts: list | FramedPayload) -> None:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except FileNotFoundError:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            views = [memoryview(p).cast("B") for p in parts]
-            total = sum(v.nbytes for v in views)
-            written = os.writev(fd, views)
-            if written != total:  # short write: finish the rest
-                data = b"".join(bytes(v) for v in views)[written:]
-                while data:
-                    data = data[os.write(fd, data):]
+            if isinstance(parts, FramedPayload):
+                parts.write_to(fd)
+            else:
+                views = [memoryview(p).cast("B") for p in parts]
+                total = sum(v.nbytes for v in views)
+                written = os.writev(fd, views)
+                if written != total:  # short write: finish the rest
+                    data = b"".join(bytes(v) for v in views)[written:]
+                    while data:
+                        data = data[os.write(fd, data):]
         except BaseException:
             os.close(fd)
             _remove_quietly(path)  # a chunk of an uncommitted shard, cut short: give its space back

@@ -392,7 +392,7 @@ class ShardWriter:
                 pass
 
     def _write_chunk(self, array_key: str, index: int, buf: np.ndarray) -> None:
-        self.store.storage.write_chunk(layout.chunk_key(array_key, index, buf.ndim), self._codec[array_key].encode(buf))
+        self.store.storage.write_chunk(layout.chunk_key(array_key, index, buf.ndim), self._codec[array_key].framed(buf))
 
     def _write_main(self, items: list[tuple], wait: bool = True) -> PendingWrites | None:
         """Write whole main-array chunks (location, chunk index, data, valid rows, fp8 scales or None)
