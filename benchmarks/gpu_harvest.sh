@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The whole GPU check, run on a lent GPU machine from the repository root with wheels in .whl/:
+# The whole GPU check, run on a lent GPU machine from the repository root with the wheels of
+# benchmarks/gpu_wheels.sh carried in .whl/:
 # the CPU-vs-GPU correctness check, then the ViT-L-14 harvest benchmark (8 layers, bf16) with the
 # store on tmpfs (the pipeline's own ceiling) and on the local disk. Results go to $OUT (or ./gpu-results).
 set -u
 OUT=${OUT:-gpu-results}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+source benchmarks/gpu_install.sh  # the carried wheels of .whl/ (benchmarks/gpu_wheels.sh)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 benchmarks/harvest_device_check.py --device cuda 2>&1 | grep -v WARNING | tee "$OUT/device_check.txt"
 common="--model ViT-L-14 --pretrained none --device cuda --dtype bf16 --batch-size 128 --images 2048 --workers 12 --layers 2,5,8,11,14,17,20,22 --repeats 1"
