@@ -79,6 +79,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="decode processes")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--store-dtype", default="fp16", help="storage dtype (fp8: quantised on the device)")
+    ap.add_argument("--cuda-graph", action="store_true", help="HarvestConfig.cuda_graph: full batches replayed from "
+                    "a captured CUDA graph")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default="benchmarks/results/harvest.json")
     ap.add_argument("--profile", action="store_true", help="cProfile the harvest's main thread (top 25 by own time)")
@@ -100,7 +102,7 @@ def main(argv=None) -> int:
             shutil.rmtree(store, ignore_errors=True)
             cfg = HarvestConfig(out=str(store), images=str(work / "photos"), layers=layers, model=mcfg,
                                 batch_size=args.batch_size, workers=args.workers, shard_size=len(paths),
-                                progress=False, report=str(work / f"report{r}.json"))
+                                progress=False, report=str(work / f"report{r}.json"), cuda_graph=args.cuda_graph)
             cfg.store.dtype = args.store_dtype
             if args.profile:
                 import cProfile
@@ -134,13 +136,13 @@ def main(argv=None) -> int:
             "bare_forward_img_s": bare, "harvest_img_s": full, "ratio": full / bare, "written_gb_s": gb,
             "harvest_steady_img_s": steady, "steady_ratio": steady / bare, "seconds": best["seconds"],
             "store_dtype": args.store_dtype, "write_ceiling_img_s": ceiling,
-            "ratio_to_min_forward_ceiling": full / min(bare, ceiling),
+            "ratio_to_min_forward_ceiling": full / min(bare, ceiling), "cuda_graph": args.cuda_graph,
         }
         dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
         print(f"{'model':<16} {'device':<8} {'dtype':<5} {'store':<5} {'batch':>5} {'layers':>6} {'bare img/s':>10} "
               f"{'ceiling img/s':>13} {'harvest img/s':>13} {'ratio':>6} {'/min':>6} {'steady img/s':>12} "
               f"{'GB/s written':>12}")
-        print(f"{row['model']:<16} {args.device:<8} {args.dtype:<5} {args.store_dtype:<5} {args.batch_size:>5} "
+        print(f"{row['model'] + (' +graph' if args.cuda_graph else ''):<16} {args.device:<8} {args.dtype:<5} {args.store_dtype:<5} {args.batch_size:>5} "
               f"{len(layers):>6} {bare:>10.1f} {ceiling:>13.1f} {full:>13.1f} {row['ratio']:>6.2f} "
               f"{row['ratio_to_min_forward_ceiling']:>6.2f} {steady:>12.1f} {gb:>12.3f}")
         print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in best["seconds"].items()))

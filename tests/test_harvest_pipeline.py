@@ -334,3 +334,34 @@ def test_folder_entries_that_are_no_regular_file_are_counted_and_never_opened(tm
 
     followed = harvest(cfg_for(tmp_path / "t", images=str(folder), follow_external_symlinks=True))
     assert followed["images"]["by_status"] == {"ok": 6, "not_a_file": 5, "unreadable_file": 1}
+
+
+def test_cuda_graph_on_a_cpu_device_is_refused_with_what_to_do(tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    make_images(folder, 3)
+    with pytest.raises(ConfigError, match="--cuda-graph needs a CUDA device.*--device cuda"):
+        cfg_for(tmp_path / "s", images=str(folder), cuda_graph=True)
+    assert main(["harvest", "--images", str(folder), "--out", str(tmp_path / "s"), "--cuda-graph"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--cuda-graph needs a CUDA device" in err[0]
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (the graph is CUDA's)")
+@pytest.mark.parametrize("store_dtype", ["fp16", "fp8"])
+def test_a_harvest_replaying_a_cuda_graph_writes_the_eager_harvests_bytes(tmp_path, store_dtype):
+    # 11 images in batches of 3: three full batches replayed (graphs of both device buffers, each
+    # reused), a partial one eager; the same kernels on the same inputs give the same bits
+    folder = tmp_path / "imgs"
+    make_images(folder, 11)
+    stores = {}
+    for graph in (False, True):
+        out = tmp_path / f"graph_{graph}"
+        cfg = cfg_for(out, images=str(folder))
+        cfg.model.device, cfg.cuda_graph = "cuda", graph
+        cfg.store.dtype = store_dtype
+        harvest(cfg)
+        stores[graph] = data_objects(str(out))
+    (got, got_table), (want, want_table) = stores[True], stores[False]
+    assert sorted(got) == sorted(want) and all(got[k] == want[k] for k in want)
+    assert got_table.equals(want_table)

@@ -85,6 +85,9 @@ class HarvestConfig:
     claim_timeout_s: float = option(3600.0, help="a shard's writer claim that was not renewed for this long is stale: "
                                     "another run may take the shard over (what a rank that died on another machine "
                                     "left). It is renewed at every batch, at most every tenth of this")
+    cuda_graph: bool = option(False, help="CUDA only: capture the device work of a full batch (forward, hook copies, "
+                              "statistics, fp8 quantisation) once as a CUDA graph and replay it, one launch a batch "
+                              "instead of hundreds from Python; the same kernels on the same inputs")
 
     def __post_init__(self) -> None:
         self.layers = _layers(self.layers)
@@ -98,6 +101,9 @@ class HarvestConfig:
         if self.finish_other_ranks and self.urls:
             raise ConfigError("--finish-other-ranks takes --images or --shards: with --urls each rank downloads only its "
                               "own input shards, so rerun the rank that died (the same command and rank)")
+        if self.cuda_graph and not self.model.device.startswith("cuda"):
+            raise ConfigError(f"--cuda-graph needs a CUDA device, the model is on {self.model.device!r}: add "
+                              f"--device cuda, or drop --cuda-graph")
         if not self.claim_timeout_s > 0:
             raise ConfigError(f"--claim-timeout-s must be > 0, got {self.claim_timeout_s}")
         if not self.wait_for_plan_s >= 0 or not self.wait_report_s > 0:

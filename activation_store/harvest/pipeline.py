@@ -35,6 +35,7 @@ from tqdm import tqdm
 from activation_store.errors import ActivationStoreError, HarvestError
 from activation_store.faults import kill_point
 from activation_store.harvest.decode import NONFINITE, Decoded, decode_image
+from activation_store.harvest.device_graph import CapturedStep
 from activation_store.harvest.model import LoadedViT
 from activation_store.harvest.quantize import ERROR_FIGURES, dequantize_fp8, error_figures, quantize_fp8
 from activation_store.harvest.sources import InputShard, Sample
@@ -331,7 +332,7 @@ class ShardRunner:
     """Runs the model over input shards and writes them, one shard writer at a time."""
 
     def __init__(self, model: LoadedViT, store, batch_size: int, pool: DecodePool, progress: tqdm | None,
-                 claim_timeout_s: float | None = None) -> None:
+                 claim_timeout_s: float | None = None, cuda_graph: bool = False) -> None:
         self.model, self.store, self.batch_size, self.pool, self.progress = model, store, batch_size, pool, progress
         self.writer_options = {} if claim_timeout_s is None else {"claim_timeout_s": claim_timeout_s}
         self.locations = store.locations
@@ -344,6 +345,10 @@ class ShardRunner:
         h, w = model.preprocess["image_size"]
         pin = self.cuda
         self.pixels = [torch.empty((b, h, w, 3), dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+        # on CUDA the pixels are copied into a device buffer of their own: a captured graph reads
+        # them from a fixed address
+        self.pix_dev = [torch.empty((b, h, w, 3), dtype=torch.uint8, device=self.device)
+                        for _ in range(2 if self.cuda else 0)]
         # device buffers the forward writes into (on the CPU it writes into the host slots instead)
         self.dev = [torch.empty((n_loc, b, t, d), dtype=self.storage_dtype, device=self.device)
                     for _ in range(2 if self.cuda else 0)]
@@ -361,6 +366,9 @@ class ShardRunner:
                      torch.empty((n_loc, b, len(ERROR_FIGURES)), dtype=torch.float64, pin_memory=pin)) if self.fp8 else ()))
             for _ in range(HOST_SLOTS)
         ]
+        # full batches: the device work of buffer k captured once as a CUDA graph (device_graph.py)
+        self.graphs = ([CapturedStep(lambda k=k: self._device_work(self.pix_dev[k], self.dev[k], b), self.device)
+                        for k in range(2)] if cuda_graph else None)
         self.free_slots: queue.Queue[int] = queue.Queue()  # filled by run(), for each shard
         self.bytes_written = 0
         self.counts: dict[str, int] = {}
@@ -497,7 +505,6 @@ class ShardRunner:
         return slot_i
 
     def _run_batch(self, k: int, b: int, records: list[ImageRecord], work: queue.Queue, failure: _Failure) -> None:
-        model = self.model
         slot_i = None
         if self.cuda:
             dev = self.dev[k]
@@ -508,26 +515,24 @@ class ShardRunner:
             dev = self.slots[slot_i].acts
         if self.cuda and self.dev_free[k] is not None:
             torch.cuda.current_stream(self.device).wait_event(self.dev_free[k])
-        x = self.pixels[k][:b].to(self.device, non_blocking=True)
         if self.cuda:
+            x = self.pix_dev[k][:b]
+            x.copy_(self.pixels[k][:b], non_blocking=True)
             self.pix_free[k] = torch.cuda.Event()
             self.pix_free[k].record(torch.cuda.current_stream(self.device))
-        loc_index = self.loc_index
-
-        def sink(layer: int, tokens: torch.Tensor) -> None:
-            dev[loc_index[layer], :b].copy_(tokens)  # the cast to the storage dtype happens here
-
-        model.forward(model.normalize(x), sink)
-        acts = dev[:, :b]
-        if self.fp8:  # quantised where the values are; statistics and error of the stored values
-            codes, scales = quantize_fp8(acts)
-            stored = dequantize_fp8(codes, scales)
-            stats, counts, _ = _device_moments(stored, check_finite=False)
-            errors = error_figures(acts, stored, keep=2)  # per location and image
-            bad = ~torch.isfinite(scales).all(dim=2).all(dim=0)  # a NaN or inf makes its token's scale so
-            del stored
         else:
-            stats, counts, bad = _device_moments(acts)
+            x = self.pixels[k][:b]
+        if self.graphs is not None and b == self.batch_size:
+            if self.graphs[k].graph is None:
+                self._capture_graphs()
+            out = self.graphs[k]()
+        else:
+            out = self._device_work(x, dev, b)
+        acts = dev[:, :b]
+        if self.fp8:
+            stats, counts, bad, codes, scales, errors = out
+        else:
+            stats, counts, bad = out
         if slot_i is None:
             slot_i = self._free_slot(failure)
             if slot_i is None:
@@ -566,6 +571,41 @@ class ShardRunner:
             for dst, src in pairs:
                 dst.numpy()[...] = src.numpy()
         self._hand_over(work, ("batch", slot_i, b, records), failure)
+
+    def _capture_graphs(self) -> None:
+        """Both device buffers' graphs at once, at the first full batch (timed apart, as start-up):
+        each capture's warm-ups write its device buffer, so any copy out of one still running is
+        waited for first."""
+        t = time.perf_counter()
+        current = torch.cuda.current_stream(self.device)
+        for ev in self.dev_free:
+            if ev is not None:
+                current.wait_event(ev)
+        for g in self.graphs:
+            if g.graph is None:
+                g.capture()
+        self.stage_seconds["capture_graphs"] = self.stage_seconds.get("capture_graphs", 0.0) + time.perf_counter() - t
+
+    def _device_work(self, x: torch.Tensor, dev: torch.Tensor, b: int) -> tuple:
+        """The device's part of a batch: pixels `x` (b, H, W, 3) through the model, each requested
+        block's output cast into `dev[:, :b]`, then (stats, counts, bad), and for fp8 also (codes,
+        scales, errors). Device work only (CUDA: no host sync, no copy from the host), so that a
+        full batch's can be captured as a graph."""
+        loc_index = self.loc_index
+
+        def sink(layer: int, tokens: torch.Tensor) -> None:
+            dev[loc_index[layer], :b].copy_(tokens)  # the cast to the storage dtype happens here
+
+        self.model.forward(self.model.normalize(x), sink)
+        acts = dev[:, :b]
+        if self.fp8:  # quantised where the values are; statistics and error of the stored values
+            codes, scales = quantize_fp8(acts)
+            stored = dequantize_fp8(codes, scales)
+            stats, counts, _ = _device_moments(stored, check_finite=False)
+            errors = error_figures(acts, stored, keep=2)  # per location and image
+            bad = ~torch.isfinite(scales).all(dim=2).all(dim=0)  # a NaN or inf makes its token's scale so
+            return stats, counts, bad, codes, scales, errors
+        return _device_moments(acts)
 
     # ------------------------------------------------------------------ writer thread
     def _write_loop(self, writer, work: queue.Queue, free_slots: queue.Queue, failure: _Failure) -> None:
@@ -719,7 +759,7 @@ def _device_moments(acts: torch.Tensor, check_finite: bool = True) -> tuple[torc
     every value again. On CUDA that check would sync the host, so the scan stays on the device."""
     n_loc, b, t, d = acts.shape
     stats = torch.empty((n_loc, 2, 3, d), dtype=torch.float64, device=acts.device)
-    counts = torch.tensor([[b, b * (t - 1)]] * n_loc, dtype=torch.int64, device=acts.device)
+    counts = _moment_counts(n_loc, b, t, acts.device)
     for li in range(n_loc):
         a = acts[li]
         for gi, g in enumerate((a[:, 0, :], a[:, 1:, :])):
@@ -733,3 +773,17 @@ def _device_moments(acts: torch.Tensor, check_finite: bool = True) -> tuple[torc
     else:
         bad = torch.zeros(b, dtype=torch.bool, device=acts.device)
     return stats, counts, bad
+
+
+_COUNTS: dict[tuple, torch.Tensor] = {}
+
+
+def _moment_counts(n_loc: int, b: int, t: int, device: torch.device) -> torch.Tensor:
+    """(n_loc, 2) int64 on `device`: the values behind each CLS and patch statistic of a batch.
+    Made once per shape: a copy from the host is not allowed inside a captured CUDA graph. Never
+    written to (the host slots receive copies)."""
+    key = (n_loc, b, t, device)
+    c = _COUNTS.get(key)
+    if c is None:
+        c = _COUNTS[key] = torch.tensor([[b, b * (t - 1)]] * n_loc, dtype=torch.int64, device=device)
+    return c

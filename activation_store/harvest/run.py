@@ -284,7 +284,8 @@ def harvest(cfg: HarvestConfig) -> dict:
     pool.warm_up()
     progress = tqdm(total=sum(s.capacity for s in todo + theirs), unit="img", desc=f"harvest rank {rank}",
                     disable=not cfg.progress, dynamic_ncols=True)
-    runner = ShardRunner(model, store, cfg.batch_size, pool, progress, claim_timeout_s=cfg.claim_timeout_s)
+    runner = ShardRunner(model, store, cfg.batch_size, pool, progress, claim_timeout_s=cfg.claim_timeout_s,
+                         cuda_graph=cfg.cuda_graph)
     runner.start_clock()
     results = []
     others = {"finished": 0, "committed_meanwhile": 0, "held_by_other_writers": []}
