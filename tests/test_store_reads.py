@@ -18,7 +18,7 @@ from activation_store.store import ChunkRef, HookLocation, StoreConfig, open_sto
 from activation_store.store import activation_store as store_module
 from activation_store.store.audit import verify
 from activation_store.store import chunk_io
-from activation_store.store.chunk_io import ChunkCodec, FramedPayload, crc_bytes, crc_matches
+from activation_store.store.chunk_io import ChunkCodec, crc_bytes, crc_matches
 from activation_store.store.storage import Storage
 from activation_store.store.encoding import physical_dtype
 from store_helpers import write_shard
@@ -244,11 +244,13 @@ def test_one_crc_check_and_corrupt_payloads_are_chunk_corrupt_errors():
 @pytest.mark.parametrize("chain", [[{"name": "bytes"}, {"name": "crc32c"}],
                                    [{"name": "bytes"}, {"name": "zstd", "configuration": {"level": 1}}, {"name": "crc32c"}]])
 @pytest.mark.parametrize("short_writes", [False, True])
-def test_a_chunk_checksummed_piece_by_piece_as_written_is_the_object_encode_gives(tmp_path, monkeypatch, chain,
+def test_chunks_checksummed_piece_by_piece_as_written_and_read_are_the_format_s_objects(tmp_path, monkeypatch, chain,
                                                                                   short_writes):
-    # the writer's local chunks are checksummed a piece at a time as each piece is written; the file
-    # must be byte for byte payload + crc32c(payload), over piece boundaries and short writes alike
-    monkeypatch.setattr(FramedPayload, "PIECE", 1000)
+    # local chunks are checksummed a piece at a time as each piece is written, and as each is read
+    # (pread, or copied out of a GET's buffer): the file must be byte for byte payload +
+    # crc32c(payload), over piece boundaries and short writes alike, and read back to the same
+    # values, while a flipped bit in any piece fails the checksum
+    monkeypatch.setattr(chunk_io, "PIECE", 1000)
     if short_writes:
         pwrite = os.pwrite
         monkeypatch.setattr(chunk_io.os, "pwrite", lambda fd, data, off: pwrite(fd, memoryview(data)[:333], off))
@@ -263,6 +265,21 @@ def test_a_chunk_checksummed_piece_by_piece_as_written_is_the_object_encode_give
         out = np.empty_like(chunk)
         codec.decode_into(data, out, "chunk")
         np.testing.assert_array_equal(out, chunk)
+        path = str(tmp_path / "s" / "a" / "c" / str(i))
+        if codec.uncompressed:  # read back a piece at a time, each piece checksummed as it lands
+            out = np.empty_like(chunk)
+            codec.pread_uncompressed(path, out, "chunk")
+            np.testing.assert_array_equal(out, chunk)
+        # one flipped bit anywhere, the last piece included, is a checksum failure on every path
+        for pos in sorted({0, len(data) // 2, len(data) - 5}):
+            bad = bytearray(data)
+            bad[pos] ^= 0x10
+            with pytest.raises(ChunkCorruptError, match="checksum"):
+                codec.decode_into(bytes(bad), np.empty_like(chunk), "chunk")
+            if codec.uncompressed:
+                (tmp_path / "bad").write_bytes(bytes(bad))
+                with pytest.raises(ChunkCorruptError, match="checksum"):
+                    codec.pread_uncompressed(str(tmp_path / "bad"), np.empty_like(chunk), "chunk")
 
 
 def test_verify_uses_the_same_crc_check(padded):
