@@ -522,7 +522,8 @@ class ShardRunner:
             self.pix_free[k].record(torch.cuda.current_stream(self.device))
         else:
             x = self.pixels[k][:b]
-        if self.graphs is not None and b == self.batch_size:
+        replayed = self.graphs is not None and b == self.batch_size
+        if replayed:
             if self.graphs[k].graph is None:
                 self._capture_graphs()
             out = self.graphs[k]()
@@ -542,10 +543,9 @@ class ShardRunner:
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.device))
             self.copy_stream.wait_event(ready)
-            for t in (stats, counts, bad):  # made on the compute stream, read on the copy stream
-                t.record_stream(self.copy_stream)
-            if self.fp8:
-                for t in (codes, scales, errors):
+            if not replayed:  # made on the compute stream, read on the copy stream, then freed
+                # (a graph's outputs are never freed: they live in its pool until the next replay)
+                for t in (stats, counts, bad, *((codes, scales, errors) if self.fp8 else ())):
                     t.record_stream(self.copy_stream)
             with torch.cuda.stream(self.copy_stream):
                 if self.fp8:
