@@ -15,13 +15,25 @@ batch k to the host has finished). Partial batches run eagerly. The capture runs
 twice on a side stream first (cuBLAS and the allocator warm up outside the capture) and captures
 in thread-local mode, so the writer thread's event waits are not capture violations. Nothing in
 the function may synchronise the host or copy from pageable memory: the constants it needs are
-made once, on first use, outside the capture (quantize.e4m3_max, pipeline._moment_counts)."""
+made once, on first use, outside the capture (`device_constant`)."""
 
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
+
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def device_constant(key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The tensor `make()` gives, made once per `key` (which names its device) and never written:
+    a copy from the host is not allowed inside a captured CUDA graph, so the device work's
+    constants are made on first use, which is a warm-up outside any capture."""
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = _CONSTANTS[key] = make()
+    return t
 
 
 class CapturedStep:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from activation_store.errors import ActivationStoreError, HarvestError
 from activation_store.faults import kill_point
 from activation_store.harvest.decode import NONFINITE, Decoded, decode_image
-from activation_store.harvest.device_graph import CapturedStep
+from activation_store.harvest.device_graph import CapturedStep, device_constant
 from activation_store.harvest.model import LoadedViT
 from activation_store.harvest.quantize import ERROR_FIGURES, dequantize_fp8, error_figures, quantize_fp8
 from activation_store.harvest.sources import InputShard, Sample
@@ -759,7 +759,8 @@ def _device_moments(acts: torch.Tensor, check_finite: bool = True) -> tuple[torc
     every value again. On CUDA that check would sync the host, so the scan stays on the device."""
     n_loc, b, t, d = acts.shape
     stats = torch.empty((n_loc, 2, 3, d), dtype=torch.float64, device=acts.device)
-    counts = _moment_counts(n_loc, b, t, acts.device)
+    counts = device_constant(("moment_counts", n_loc, b, t, acts.device),  # never written: slots get copies
+                             lambda: torch.tensor([[b, b * (t - 1)]] * n_loc, dtype=torch.int64, device=acts.device))
     for li in range(n_loc):
         a = acts[li]
         for gi, g in enumerate((a[:, 0, :], a[:, 1:, :])):
@@ -773,17 +774,3 @@ def _device_moments(acts: torch.Tensor, check_finite: bool = True) -> tuple[torc
     else:
         bad = torch.zeros(b, dtype=torch.bool, device=acts.device)
     return stats, counts, bad
-
-
-_COUNTS: dict[tuple, torch.Tensor] = {}
-
-
-def _moment_counts(n_loc: int, b: int, t: int, device: torch.device) -> torch.Tensor:
-    """(n_loc, 2) int64 on `device`: the values behind each CLS and patch statistic of a batch.
-    Made once per shape: a copy from the host is not allowed inside a captured CUDA graph. Never
-    written to (the host slots receive copies)."""
-    key = (n_loc, b, t, device)
-    c = _COUNTS.get(key)
-    if c is None:
-        c = _COUNTS[key] = torch.tensor([[b, b * (t - 1)]] * n_loc, dtype=torch.int64, device=device)
-    return c

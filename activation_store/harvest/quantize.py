@@ -13,27 +13,19 @@ from __future__ import annotations
 
 import torch
 
+from activation_store.harvest.device_graph import device_constant
+
 E4M3_MAX = 448.0
-
-
-_E4M3_MAX: dict[torch.device, torch.Tensor] = {}
-
-
-def e4m3_max(device: torch.device) -> torch.Tensor:
-    """448 as a float32 tensor on `device`, made once: a tensor divisor, because CUDA divides by a
-    Python scalar as a multiplication by its reciprocal (not the exact division of the recipe), and
-    made once, because a copy from the host inside a captured CUDA graph is not allowed."""
-    t = _E4M3_MAX.get(device)
-    if t is None:
-        t = _E4M3_MAX[device] = torch.tensor(E4M3_MAX, dtype=torch.float32, device=device)
-    return t
 
 
 def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations (..., d) of any float dtype to (codes uint8 (..., d), scales float32 (...)),
     on x's device."""
     x = x.to(torch.float32)
-    scales = x.abs().amax(dim=-1) / e4m3_max(x.device)
+    # a tensor divisor: CUDA divides by a Python scalar as a multiplication by its reciprocal, not
+    # the exact division of the recipe
+    scales = x.abs().amax(dim=-1) / device_constant(
+        ("e4m3_max", x.device), lambda: torch.tensor(E4M3_MAX, dtype=torch.float32, device=x.device))
     divisor = torch.where(scales > 0, scales, torch.ones_like(scales))
     codes = (x / divisor.unsqueeze(-1)).to(torch.float8_e4m3fn).view(torch.uint8)
     return codes, scales

@@ -26,7 +26,12 @@ _SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 
 def crc_bytes(payload) -> bytes:
     """The checksum zarr's crc32c codec appends to `payload`: its CRC-32C, 4 bytes little endian."""
-    return crc32c(payload).to_bytes(CRC_BYTES, "little")
+    return _crc_le(crc32c(payload))
+
+
+def _crc_le(crc: int) -> bytes:
+    """A CRC-32C value as the 4 stored bytes (little endian)."""
+    return crc.to_bytes(CRC_BYTES, "little")
 
 
 # Writes, and copies out of a GET's buffer, take their checksum a piece at a time, each piece right
@@ -58,7 +63,7 @@ class FramedPayload:
             crc = crc32c(piece, crc)
             _pwrite_all(fd, piece, off)
             off += piece.nbytes
-        _pwrite_all(fd, np.frombuffer(crc.to_bytes(CRC_BYTES, "little"), np.uint8), n)
+        _pwrite_all(fd, np.frombuffer(_crc_le(crc), np.uint8), n)
 
 
 def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
@@ -69,8 +74,14 @@ def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
 
 def crc_matches(payload, stored_crc) -> bool:
     """Whether `stored_crc` (the 4 bytes after a chunk object's payload) is the checksum of
-    `payload`. The package's one checksum check: readers, `pread` and `verify` all use it."""
-    return len(stored_crc) == CRC_BYTES and crc_bytes(payload) == bytes(stored_crc)
+    `payload`. The package's one checksum check: readers, `pread` and `verify` all use it (a
+    checksum computed piece by piece is compared by `crc_value_matches`)."""
+    return crc_value_matches(crc32c(payload), stored_crc)
+
+
+def crc_value_matches(crc: int, stored_crc) -> bool:
+    """Whether `stored_crc` holds the CRC-32C value `crc`."""
+    return len(stored_crc) == CRC_BYTES and _crc_le(crc) == bytes(stored_crc)
 
 
 class ChunkCodec:
@@ -128,7 +139,7 @@ class ChunkCodec:
             for off in range(0, payload.nbytes, PIECE):
                 crc = crc32c(payload[off:off + PIECE], crc)
                 dst[off:off + PIECE] = payload[off:off + PIECE]
-            if crc.to_bytes(CRC_BYTES, "little") != bytes(raw[-CRC_BYTES:]):
+            if not crc_value_matches(crc, raw[-CRC_BYTES:]):
                 raise ChunkCorruptError(f"{what}: {_CRC_MISMATCH}")
             return
         if not crc_matches(payload, raw[-CRC_BYTES:]):

@@ -396,39 +396,28 @@ class Storage:
         except OSError as exc:
             raise self.write_error(exc, key) from exc
 
-    def write_chunk(self, key: str, parts: list | FramedPayload) -> None:
-        """Write a chunk object from buffers (or a FramedPayload: its checksum is computed as it is
-        written). Not atomic on local disks: chunks are only read once their shard is committed,
-        and a rerun of an uncommitted shard rewrites them."""
+    def write_chunk(self, key: str, obj: FramedPayload) -> None:
+        """Write a chunk object (on local disks its checksum is computed as it is written). Not
+        atomic on local disks: chunks are only read once their shard is committed, and a rerun of
+        an uncommitted shard rewrites them."""
         path = self.path(key)
         try:
             if self.is_local:
-                self._write_local_chunk(path, parts)
+                self._write_local_chunk(path, obj)
             else:
-                if isinstance(parts, FramedPayload):
-                    parts = parts.parts()
-                self.fs.pipe_file(path, b"".join(bytes(memoryview(p).cast("B")) for p in parts))
+                self.fs.pipe_file(path, b"".join(bytes(memoryview(p).cast("B")) for p in obj.parts()))
         except OSError as exc:
             raise self.write_error(exc, key) from exc
 
     @staticmethod
-    def _write_local_chunk(path: str, parts: list | FramedPayload) -> None:
+    def _write_local_chunk(path: str, obj: FramedPayload) -> None:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except FileNotFoundError:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            if isinstance(parts, FramedPayload):
-                parts.write_to(fd)
-            else:
-                views = [memoryview(p).cast("B") for p in parts]
-                total = sum(v.nbytes for v in views)
-                written = os.writev(fd, views)
-                if written != total:  # short write: finish the rest
-                    data = b"".join(bytes(v) for v in views)[written:]
-                    while data:
-                        data = data[os.write(fd, data):]
+            obj.write_to(fd)
         except BaseException:
             os.close(fd)
             _remove_quietly(path)  # a chunk of an uncommitted shard, cut short: give its space back

@@ -514,7 +514,7 @@ class ShardWriter:
         codec = ChunkCodec([c.to_dict() for c in chain])
         for li in range(block.shape[0]):
             chunk = np.ascontiguousarray(block[li:li + 1], dtype="<f8")
-            self.store.storage.write_chunk(layout.chunk_key(path, li, block.ndim), codec.encode(chunk))
+            self.store.storage.write_chunk(layout.chunk_key(path, li, block.ndim), codec.framed(chunk))
         self.store.storage.write_bytes(layout.node_key(path), doc)
         return block.shape[0]
 
